@@ -1,0 +1,85 @@
+"""The S3 layout of design.md, in one place. Every key the system reads or writes is built
+or parsed here, so a prefix is never spelled twice."""
+
+from dataclasses import dataclass
+from urllib.parse import unquote_plus
+
+from avatarflow.ids import InvalidIdError, validate_id
+
+UPLOADS = "uploads/"
+DATASETS = "datasets/"
+TRAINING = "training/"
+MODELS = "models/"
+REQUESTS = "requests/"
+GENERATIONS = "generations/"
+
+REQUEST_FILE = "request.json"
+MANIFEST_FILE = "manifest.json"
+ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
+ADAPTER_CONFIG = "adapter.json"
+RESULT_FILE = "result.json"
+
+# Prefixes that hold one user's data, for deletion and isolation checks.
+USER_PREFIXES = (UPLOADS, DATASETS, MODELS, GENERATIONS)
+
+
+class InvalidKeyError(ValueError):
+    """An S3 key outside the layout (wrong prefix, bad ids, traversal, nested folders)."""
+
+
+@dataclass(frozen=True)
+class UploadKey:
+    user_id: str
+    batch_id: str
+    name: str
+
+    @property
+    def is_request(self) -> bool:
+        return self.name == REQUEST_FILE
+
+
+def upload_prefix(user_id: str, batch_id: str) -> str:
+    return f"{UPLOADS}{validate_id(user_id, 'user_id')}/{validate_id(batch_id, 'batch_id')}/"
+
+
+def parse_upload_key(key: str, *, url_encoded: bool = False) -> UploadKey:
+    """Split `uploads/<user_id>/<batch_id>/<name>`. S3 event notifications deliver keys
+    URL-encoded (spaces as '+'): pass url_encoded=True for those."""
+    if url_encoded:
+        key = unquote_plus(key)
+    parts = key.split("/")
+    if len(parts) != 4 or parts[0] + "/" != UPLOADS:
+        raise InvalidKeyError("expected uploads/<user_id>/<batch_id>/<file name>")
+    _, user_id, batch_id, name = parts
+    try:
+        validate_id(user_id, "user_id")
+        validate_id(batch_id, "batch_id")
+    except InvalidIdError as err:
+        raise InvalidKeyError(str(err)) from err
+    if not name or name in (".", "..") or name.startswith(".") or "\\" in name or len(name) > 255:
+        raise InvalidKeyError("file name must be a plain, visible name")
+    return UploadKey(user_id, batch_id, name)
+
+
+def dataset_prefix(user_id: str, batch_id: str) -> str:
+    return f"{DATASETS}{validate_id(user_id, 'user_id')}/{validate_id(batch_id, 'batch_id')}/"
+
+
+def crop_key(user_id: str, batch_id: str, index: int) -> str:
+    return f"{dataset_prefix(user_id, batch_id)}images/{index:03d}.png"
+
+
+def manifest_key(user_id: str, batch_id: str) -> str:
+    return f"{dataset_prefix(user_id, batch_id)}{MANIFEST_FILE}"
+
+
+def model_prefix(user_id: str, version: str) -> str:
+    return f"{MODELS}{validate_id(user_id, 'user_id')}/{validate_id(version, 'model_version')}/"
+
+
+def request_key(generation_id: str) -> str:
+    return f"{REQUESTS}{validate_id(generation_id, 'generation_id')}.json"
+
+
+def generation_prefix(user_id: str, generation_id: str) -> str:
+    return f"{GENERATIONS}{validate_id(user_id, 'user_id')}/{validate_id(generation_id, 'generation_id')}/"

@@ -1,0 +1,1 @@
+"""The local runtime: the same template, ASL and handlers on one machine, no AWS account."""

@@ -1,0 +1,29 @@
+"""Load the Lambda handlers from functions/<name>/app.py in process.
+
+Every function folder has its own app.py (the SAM convention), so they are loaded by path
+under distinct module names rather than imported as one package."""
+
+import importlib.util
+import sys
+from functools import cache
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FUNCTIONS_DIR = REPO_ROOT / "functions"
+
+
+@cache
+def load_function_module(name: str):
+    path = FUNCTIONS_DIR / name / "app.py"
+    if not path.is_file():
+        raise LookupError(f"no function folder {name!r} under {FUNCTIONS_DIR}")
+    module_name = f"avatarflow_fn_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_handler(name: str):
+    return load_function_module(name).handler

@@ -22,6 +22,11 @@ RESULT_FILE = "result.json"
 # Prefixes that hold one user's data, for deletion and isolation checks.
 USER_PREFIXES = (UPLOADS, DATASETS, MODELS, GENERATIONS)
 
+# Where the async endpoint writes its responses (S3OutputPath / S3FailurePath). SageMaker
+# names these objects itself (<uuid>.out), so they are found through the generation row.
+ASYNC_OUTPUT = "async-output/"
+ASYNC_FAILURES = "async-failures/"
+
 
 class InvalidKeyError(ValueError):
     """An S3 key outside the layout (wrong prefix, bad ids, traversal, nested folders)."""
@@ -83,3 +88,15 @@ def request_key(generation_id: str) -> str:
 
 def generation_prefix(user_id: str, generation_id: str) -> str:
     return f"{GENERATIONS}{validate_id(user_id, 'user_id')}/{validate_id(generation_id, 'generation_id')}/"
+
+
+def result_key(user_id: str, generation_id: str) -> str:
+    return f"{generation_prefix(user_id, generation_id)}{RESULT_FILE}"
+
+
+def user_prefix(prefix: str, user_id: str) -> str:
+    """`<prefix><user_id>/` for one of USER_PREFIXES; the trailing slash keeps user "ab"
+    from matching user "abc"."""
+    if prefix not in USER_PREFIXES:
+        raise InvalidKeyError(f"{prefix!r} is not a per-user prefix")
+    return f"{prefix}{validate_id(user_id, 'user_id')}/"

@@ -1,0 +1,150 @@
+"""preprocess_image handler against moto S3: crops land at the design.md keys, bad photos
+are normal results, infrastructure errors raise."""
+
+import io
+import json
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+from moto import mock_aws
+from PIL import Image
+
+from avatarflow import faces, keys
+from avatarflow import sample_photos as S
+
+BUCKET = "avatarflow-test"
+USER, BATCH = "user-1", "batch_01"
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    monkeypatch.setenv("BUCKET_NAME", BUCKET)
+    with mock_aws():
+        client = boto3.client("s3")
+        client.create_bucket(Bucket=BUCKET)
+        yield client
+
+
+@pytest.fixture
+def preprocess(handler_of, lambda_context):
+    fn = handler_of("preprocess_image")
+    return lambda event: fn(event, lambda_context)
+
+
+def upload(s3, name: str, data: bytes) -> str:
+    key = f"uploads/{USER}/{BATCH}/{name}"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=data)
+    return key
+
+
+def test_good_photo_gives_a_png_crop_at_the_dataset_key(s3, preprocess):
+    key = upload(s3, "me.jpg", S.with_orientation(S.photo("grace_hopper"), 6))
+    result = preprocess({"key": key, "index": 4})
+    assert result["accepted"] is True and result["reason"] is None and result["message"] is None
+    assert result["name"] == "me.jpg" and result["key"] == key
+    assert result["crop_key"] == keys.crop_key(USER, BATCH, 4) == f"datasets/{USER}/{BATCH}/images/004.png"
+    crop = Image.open(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=result["crop_key"])["Body"].read()))
+    assert crop.format == "PNG" and crop.size == (512, 512)
+    face = result["face"]
+    assert len(face["embedding"]) == 128 and face["score"] > 0.9 and len(face["box"]) == 4
+    assert face["sharpness"] > 0 and face["brightness"] > 0
+    assert len(json.dumps(result)) < 6000  # fits many times in a 256 KB Step Functions payload
+
+
+def test_resolution_from_the_event(s3, preprocess):
+    key = upload(s3, "big.jpg", S.phone_photo("grace_hopper", size=(2400, 1800), orientation=1))
+    result = preprocess({"key": key, "index": 0, "resolution": 1024})
+    crop = Image.open(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=result["crop_key"])["Body"].read()))
+    assert crop.size == (1024, 1024)
+
+
+BAD_CASES = {
+    "blurred.jpg": (S.encode(S.blurred(S.photo("astronaut"), 5)), "blurry"),
+    "dark.jpg": (S.encode(S.darkened(S.photo("grace_hopper"))), "too_dark"),
+    "cat.png": (S.photo_bytes("chelsea", "PNG"), "no_face"),
+    "two.jpg": (S.encode(S.collage("astronaut", "grace_hopper")), "several_faces"),
+    "far.jpg": (S.encode(S.shrunk_in_canvas(S.photo("grace_hopper"))), "face_too_small"),
+    "cut.jpg": (S.truncated(S.photo_bytes("astronaut")), "not_an_image"),
+    "noise.heic": (S.random_bytes(), "not_an_image"),
+    "empty.jpg": (b"", "not_an_image"),
+    "bomb.png": (S.png_claiming(20_000, 20_000), "too_large"),
+    "anim.gif": (S.photo_bytes("grace_hopper", "GIF"), "unsupported_format"),
+}
+
+
+def test_bad_photos_are_results_not_errors_and_never_stop_the_others(s3, preprocess):
+    names = ["ok_1.jpg", *BAD_CASES, "ok_2.jpg"]
+    batch = dict(S.one_person_batch(2))
+    data = {"ok_1.jpg": batch["photo_00.jpg"], "ok_2.jpg": batch["photo_01.jpg"]}
+    data.update({name: case[0] for name, case in BAD_CASES.items()})
+    results = [preprocess({"key": upload(s3, name, data[name]), "index": i}) for i, name in enumerate(names)]
+    verdicts = {r["name"]: r["reason"] if not r["accepted"] else "ok" for r in results}
+    assert verdicts == {"ok_1.jpg": "ok", "ok_2.jpg": "ok", **{n: c[1] for n, c in BAD_CASES.items()}}
+    for r in results:
+        if not r["accepted"]:
+            assert r["crop_key"] is None and r["message"] == faces.REASON_MESSAGES[r["reason"]]
+    listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"datasets/{USER}/{BATCH}/images/")["Contents"]
+    assert sorted(o["Key"] for o in listed) == [keys.crop_key(USER, BATCH, 0), keys.crop_key(USER, BATCH, 11)]
+    # Rejections after detection still report the face box for the manifest.
+    by_name = {r["name"]: r for r in results}
+    assert by_name["blurred.jpg"]["face"]["box"] and by_name["blurred.jpg"]["face"]["embedding"] is None
+    assert by_name["cat.png"]["face"] is None
+
+
+def test_object_over_the_byte_limit_is_not_downloaded(s3, preprocess, monkeypatch):
+    key = upload(s3, "huge.jpg", S.oversized(faces.DEFAULT_SETTINGS.max_bytes))
+    mod = __import__("avatarflow_fn_preprocess_image")
+    monkeypatch.setattr(mod.faces, "analyze_photo", lambda *a, **k: pytest.fail("must not analyze"))
+    result = preprocess({"key": key, "index": 0})
+    assert result["accepted"] is False and result["reason"] == "too_large"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "uploads/user-1/batch_01/../../etc/passwd",
+        "uploads/user 1/batch_01/a.jpg",
+        "datasets/user-1/batch_01/images/000.png",
+        "uploads/user-1/batch_01/sub/a.jpg",
+        "uploads/user-1/batch_01/.hidden.jpg",
+        None,
+        42,
+    ],
+)
+def test_invalid_keys_are_rejected_without_reading_s3(s3, preprocess, key):
+    result = preprocess({"key": key, "index": 0})
+    assert result["accepted"] is False and result["reason"] == "invalid_key"
+    assert result["message"] == faces.REASON_MESSAGES["invalid_key"]
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET)
+
+
+def test_request_json_is_skipped(s3, preprocess):
+    key = upload(s3, "request.json", b'{"email": "a@example.com"}')
+    result = preprocess({"key": key, "index": 3})
+    assert result["skipped"] is True and result["accepted"] is False and result["reason"] is None
+
+
+def test_photo_deleted_since_listing_is_a_rejection(s3, preprocess):
+    result = preprocess({"key": f"uploads/{USER}/{BATCH}/gone.jpg", "index": 0})
+    assert result["accepted"] is False and result["reason"] == "not_an_image"
+
+
+def test_s3_outage_raises_so_step_functions_retries(preprocess, monkeypatch):
+    monkeypatch.setenv("BUCKET_NAME", "no-such-bucket")
+    with mock_aws(), pytest.raises(ClientError):
+        preprocess({"key": f"uploads/{USER}/{BATCH}/a.jpg", "index": 0})
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"key": "uploads/u/b/a.jpg"},
+        {"key": "uploads/u/b/a.jpg", "index": -1},
+        {"key": "uploads/u/b/a.jpg", "index": 0, "resolution": 10},
+        [],
+    ],
+)
+def test_malformed_events_raise(s3, preprocess, event):
+    with pytest.raises(ValueError):
+        preprocess(event)

@@ -1,0 +1,169 @@
+"""build_dataset: the PrepareImages Map's results -> the training set and manifest.json.
+
+Event: {"user_id", "batch_id", "results": [<preprocess_image outputs>], "min_images": 8}.
+Drops near-duplicates and photos of a different person, deletes every crop under
+datasets/<user_id>/<batch_id>/images/ that is not in the training set (so the training
+channel holds exactly it), writes manifest.json and returns counts (no embeddings: Step
+Functions payloads are limited to 256 KB). The same input always gives the same manifest.
+"""
+
+import json
+import os
+from collections import Counter
+
+import boto3
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+
+from avatarflow import faces, keys
+from avatarflow.ids import validate_id
+
+logger = Logger()
+tracer = Tracer()
+metrics = Metrics()
+
+DEFAULT_MIN_IMAGES = 8
+MANIFEST_VERSION = 1
+
+
+def _min_images(event: dict) -> int:
+    value = event.get("min_images")
+    if value is None:
+        value = int(os.environ.get("MIN_IMAGES", DEFAULT_MIN_IMAGES))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("min_images must be a positive integer")
+    return value
+
+
+def _photo_entry(result: dict, images_prefix: str) -> dict:
+    if not isinstance(result, dict) or not isinstance(result.get("key"), str):
+        raise ValueError("every result must be a preprocess_image output with a key")
+    face = result.get("face") or None
+    crop_key = result.get("crop_key")
+    accepted = bool(result.get("accepted"))
+    if accepted and not (
+        isinstance(crop_key, str) and crop_key.startswith(images_prefix) and face and face.get("embedding")
+    ):
+        raise ValueError(f"accepted result for {result['key']} lacks a crop under {images_prefix} or a face")
+    return {
+        "name": result.get("name") or result["key"].rsplit("/", 1)[-1],
+        "key": result["key"],
+        "verdict": "ok" if accepted else result.get("reason") or "not_an_image",
+        "reason": None if accepted else result.get("reason") or "not_an_image",
+        "message": None if accepted else faces.REASON_MESSAGES.get(result.get("reason") or "not_an_image"),
+        "box": face.get("box") if face else None,
+        "score": face.get("score") if face else None,
+        "sharpness": face.get("sharpness") if face else None,
+        "brightness": face.get("brightness") if face else None,
+        "crop_key": crop_key if accepted else None,
+        "_embedding": face.get("embedding") if accepted else None,
+        "_phash": face.get("phash") if accepted else None,
+    }
+
+
+@tracer.capture_method
+def _prune_images(bucket: str, images_prefix: str, keep: set[str]) -> list[str]:
+    """Delete every object under images/ that is not a kept crop (dropped or stale)."""
+    s3 = boto3.client("s3")
+    doomed = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=images_prefix):
+        doomed += [obj["Key"] for obj in page.get("Contents", []) if obj["Key"] not in keep]
+    for start in range(0, len(doomed), 1000):
+        chunk = doomed[start : start + 1000]
+        s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True})
+    return doomed
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def handler(event, context):
+    if not isinstance(event, dict):
+        raise ValueError("event must be an object")
+    user_id = validate_id(event.get("user_id"), "user_id")
+    batch_id = validate_id(event.get("batch_id"), "batch_id")
+    logger.append_keys(user_id=user_id, batch_id=batch_id)
+    results = event.get("results")
+    if not isinstance(results, list):
+        raise ValueError("results must be the list of preprocess_image outputs")
+    min_images = _min_images(event)
+    bucket = os.environ["BUCKET_NAME"]
+    prefix = keys.dataset_prefix(user_id, batch_id)
+    images_prefix = f"{prefix}images/"
+
+    photos = [
+        _photo_entry(r, images_prefix) for r in results if not (isinstance(r, dict) and r.get("skipped"))
+    ]
+    candidates = [
+        faces.Candidate(p["name"], p["_embedding"], p["_phash"]) for p in photos if p["verdict"] == "ok"
+    ]
+    if len({c.name for c in candidates}) != len(candidates):
+        raise ValueError("photo names in one batch must be unique")
+    dropped = faces.select_batch(candidates)
+    for photo in photos:
+        reason = dropped.get(photo["name"]) if photo["verdict"] == "ok" else None
+        if reason:
+            photo.update(verdict=reason, reason=reason, message=faces.REASON_MESSAGES[reason], crop_key=None)
+    kept = [p for p in photos if p["verdict"] == "ok"]
+    reference = faces.mean_embedding([p["_embedding"] for p in kept])
+
+    removed = _prune_images(bucket, images_prefix, {p["crop_key"] for p in kept})
+    rejections = [
+        {"name": p["name"], "reason": p["reason"], "message": p["message"]} for p in photos if p["reason"]
+    ]
+    enough = len(kept) >= min_images
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "user_id": user_id,
+        "batch_id": batch_id,
+        "min_images": min_images,
+        "enough": enough,
+        "counts": {
+            "photos": len(photos),
+            "accepted": len(kept),
+            "rejected": len(photos) - len(kept),
+            "by_reason": dict(sorted(Counter(p["reason"] for p in photos if p["reason"]).items())),
+        },
+        "images": [p["crop_key"] for p in kept],
+        "reference_embedding": reference,
+        "photos": [{k: v for k, v in p.items() if not k.startswith("_")} for p in photos],
+    }
+    manifest_key = keys.manifest_key(user_id, batch_id)
+    boto3.client("s3").put_object(
+        Bucket=bucket,
+        Key=manifest_key,
+        Body=json.dumps(manifest, sort_keys=True, indent=1).encode(),
+        ContentType="application/json",
+    )
+    logger.info(
+        "dataset built",
+        extra={
+            "accepted": len(kept),
+            "rejected": len(photos) - len(kept),
+            "enough": enough,
+            "removed": len(removed),
+        },
+    )
+    metrics.add_metric(name="DatasetImages", unit=MetricUnit.Count, value=len(kept))
+    metrics.add_metric(
+        name="DuplicatesDropped", unit=MetricUnit.Count, value=sum(r == "duplicate" for r in dropped.values())
+    )
+    metrics.add_metric(
+        name="DifferentPersonDropped",
+        unit=MetricUnit.Count,
+        value=sum(r == "different_person" for r in dropped.values()),
+    )
+    metrics.add_metric(
+        name="BatchesRejected" if not enough else "BatchesAccepted", unit=MetricUnit.Count, value=1
+    )
+    return {
+        "user_id": user_id,
+        "batch_id": batch_id,
+        "accepted": len(kept),
+        "rejected": len(photos) - len(kept),
+        "min_images": min_images,
+        "enough": enough,
+        "dataset_prefix": prefix,
+        "manifest_key": manifest_key,
+        "rejections": rejections,
+    }

@@ -1,0 +1,175 @@
+"""build_dataset handler against moto S3, fed by the real preprocess_image handler."""
+
+import json
+
+import boto3
+import numpy as np
+import pytest
+from moto import mock_aws
+
+from avatarflow import faces, keys
+from avatarflow import sample_photos as S
+
+BUCKET = "avatarflow-test"
+USER, BATCH = "user-7", "b2"
+IMAGES = f"datasets/{USER}/{BATCH}/images/"
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    monkeypatch.setenv("BUCKET_NAME", BUCKET)
+    monkeypatch.delenv("MIN_IMAGES", raising=False)
+    with mock_aws():
+        client = boto3.client("s3")
+        client.create_bucket(Bucket=BUCKET)
+        yield client
+
+
+@pytest.fixture
+def run(handler_of, lambda_context):
+    pre, build = handler_of("preprocess_image"), handler_of("build_dataset")
+
+    def go(s3, photos, **extra):
+        results = []
+        for i, (name, data) in enumerate(photos):
+            key = f"uploads/{USER}/{BATCH}/{name}"
+            s3.put_object(Bucket=BUCKET, Key=key, Body=data)
+            results.append(pre({"key": key, "index": i}, lambda_context))
+        event = {"user_id": USER, "batch_id": BATCH, "results": results, **extra}
+        return results, build(event, lambda_context)
+
+    return go
+
+
+def listed(s3, prefix=IMAGES):
+    return sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", []))
+
+
+def manifest(s3):
+    return json.loads(s3.get_object(Bucket=BUCKET, Key=keys.manifest_key(USER, BATCH))["Body"].read())
+
+
+@pytest.fixture(scope="module")
+def person():
+    return S.one_person_batch(12)
+
+
+def test_one_person_batch_is_kept_as_the_training_set(s3, run, person):
+    results, out = run(s3, person)
+    assert out["accepted"] >= 10 and out["accepted"] == 12
+    assert out["enough"] is True and out["rejections"] == [] and out["rejected"] == 0
+    assert out["dataset_prefix"] == f"datasets/{USER}/{BATCH}/"
+    assert out["manifest_key"] == f"datasets/{USER}/{BATCH}/manifest.json"
+    assert listed(s3) == [keys.crop_key(USER, BATCH, i) for i in range(12)]
+    doc = manifest(s3)
+    assert doc["counts"] == {"photos": 12, "accepted": 12, "rejected": 0, "by_reason": {}}
+    reference = np.asarray(doc["reference_embedding"])
+    assert reference.shape == (128,) and abs(np.linalg.norm(reference) - 1) < 1e-5
+    for r in results:
+        assert faces.cosine_similarity(reference, r["face"]["embedding"]) > 0.9
+
+
+def test_mixed_batch_drops_duplicates_other_person_and_bad_photos(s3, run, person):
+    grace = S.photo("grace_hopper")
+    photos = [
+        *person[:9],
+        ("copy_of_00.jpg", S.encode(grace, quality=60)),  # photo_00 is grace itself
+        ("someone_else.jpg", S.photo_bytes("astronaut")),
+        ("blurry.jpg", S.encode(S.blurred(grace, 5))),
+        ("coffee.png", S.photo_bytes("coffee", "PNG")),
+        ("junk.jpg", S.random_bytes()),
+    ]
+    results, out = run(s3, photos)
+    assert out["accepted"] == 9 and out["rejected"] == 5 and out["enough"] is True
+    assert {(r["name"], r["reason"]) for r in out["rejections"]} == {
+        ("copy_of_00.jpg", "duplicate"),
+        ("someone_else.jpg", "different_person"),
+        ("blurry.jpg", "blurry"),
+        ("coffee.png", "no_face"),
+        ("junk.jpg", "not_an_image"),
+    }
+    assert all(r["message"] == faces.REASON_MESSAGES[r["reason"]] for r in out["rejections"])
+    # images/ holds exactly the training set: the crops of dropped photos are gone.
+    assert listed(s3) == [keys.crop_key(USER, BATCH, i) for i in range(9)]
+    doc = manifest(s3)
+    by_name = {p["name"]: p for p in doc["photos"]}
+    assert len(by_name) == 14
+    assert by_name["someone_else.jpg"]["verdict"] == "different_person"
+    assert by_name["someone_else.jpg"]["crop_key"] is None and by_name["someone_else.jpg"]["box"]
+    assert (
+        by_name["photo_03.jpg"]["verdict"] == "ok"
+        and by_name["photo_03.jpg"]["crop_key"] == f"{IMAGES}003.png"
+    )
+    assert by_name["junk.jpg"]["box"] is None
+    assert doc["counts"]["by_reason"] == {
+        "blurry": 1,
+        "different_person": 1,
+        "duplicate": 1,
+        "no_face": 1,
+        "not_an_image": 1,
+    }
+    assert doc["images"] == listed(s3)
+    # No embeddings in the Step Functions payload.
+    assert "embedding" not in json.dumps(out) and len(json.dumps(out)) < 4000
+
+
+def test_too_few_photos_is_a_clear_rejected_result(s3, run, person):
+    _, out = run(s3, [*person[:3], ("cat.jpg", S.photo_bytes("chelsea"))])
+    assert out["enough"] is False and out["accepted"] == 3 and out["min_images"] == 8
+    assert out["rejections"] == [
+        {"name": "cat.jpg", "reason": "no_face", "message": faces.REASON_MESSAGES["no_face"]}
+    ]
+    assert manifest(s3)["enough"] is False
+
+
+def test_min_images_from_event_and_env(s3, run, person, monkeypatch):
+    _, out = run(s3, person[:3], min_images=3)
+    assert out["enough"] is True and out["min_images"] == 3
+    monkeypatch.setenv("MIN_IMAGES", "4")
+    _, out = run(s3, person[:3])
+    assert out["enough"] is False and out["min_images"] == 4
+
+
+def test_idempotent_and_removes_stale_crops(s3, run, person, handler_of, lambda_context):
+    s3.put_object(Bucket=BUCKET, Key=f"{IMAGES}099.png", Body=b"left over from an earlier run")
+    results, first = run(s3, person[:4])
+    doc = s3.get_object(Bucket=BUCKET, Key=first["manifest_key"])["Body"].read()
+    assert listed(s3) == [keys.crop_key(USER, BATCH, i) for i in range(4)]
+    again = handler_of("build_dataset")(
+        {"user_id": USER, "batch_id": BATCH, "results": results}, lambda_context
+    )
+    assert again == first
+    assert s3.get_object(Bucket=BUCKET, Key=first["manifest_key"])["Body"].read() == doc
+    assert listed(s3) == [keys.crop_key(USER, BATCH, i) for i in range(4)]
+
+
+def test_request_json_results_are_ignored(s3, run, person):
+    _, out = run(s3, [*person[:2], ("request.json", b"{}")])
+    assert out["accepted"] == 2 and out["rejected"] == 0
+    assert [p["name"] for p in manifest(s3)["photos"]] == ["photo_00.jpg", "photo_01.jpg"]
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"user_id": "../x", "batch_id": BATCH, "results": []},
+        {"user_id": USER, "batch_id": BATCH, "results": "nope"},
+        {"user_id": USER, "batch_id": BATCH, "results": [], "min_images": 0},
+        # An accepted result whose crop is outside this batch's dataset prefix.
+        {
+            "user_id": USER,
+            "batch_id": BATCH,
+            "results": [
+                {
+                    "key": f"uploads/{USER}/{BATCH}/a.jpg",
+                    "accepted": True,
+                    "crop_key": "datasets/other/b/images/000.png",
+                    "face": {"embedding": [1.0] * 128},
+                }
+            ],
+        },
+    ],
+)
+def test_malformed_events_raise(s3, handler_of, lambda_context, event):
+    with pytest.raises(ValueError):
+        handler_of("build_dataset")(event, lambda_context)

@@ -1,0 +1,591 @@
+"""HTTP API (API Gateway HTTP API, payload 2.0, JWT authorizer) for one user's uploads,
+models, generations and deletion. See design.md "API".
+
+Every route is under /users/{user_id}: the JWT subject must equal user_id (else 403), and
+a request without claims is 401. Ids are validated before they reach a key or a log line.
+Run `python functions/api/app.py > docs/openapi.json` to refresh the OpenAPI document."""
+
+import json
+import os
+import re
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from types import SimpleNamespace
+from typing import Annotated, Literal
+
+import boto3
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, CORSConfig, Response, content_types
+from aws_lambda_powertools.event_handler.exceptions import (
+    ForbiddenError,
+    NotFoundError,
+    ServiceError,
+    ServiceUnavailableError,
+    UnauthorizedError,
+)
+from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
+from aws_lambda_powertools.event_handler.openapi.models import HTTPBearer
+from aws_lambda_powertools.event_handler.openapi.params import Body
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.metrics import MetricUnit
+from boto3.dynamodb.conditions import Key
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from avatarflow import __version__, keys
+from avatarflow import generations as gen
+from avatarflow.ids import ID_PATTERN, InvalidIdError, new_id, validate_id
+
+logger = Logger(service="api")
+tracer = Tracer(service="api")
+metrics = Metrics(service="api")
+
+# Image size bounds are read once at import so that they also appear in the OpenAPI schema.
+# The cloud endpoint runs SD at 256..1024; the local tiny model sets MIN_IMAGE_SIZE=64.
+MIN_IMAGE_SIZE = int(os.environ.get("MIN_IMAGE_SIZE", "256"))
+MAX_IMAGE_SIZE = int(os.environ.get("MAX_IMAGE_SIZE", "1024"))
+DEFAULT_IMAGE_SIZE = min(
+    max(int(os.environ.get("DEFAULT_IMAGE_SIZE", "512")), MIN_IMAGE_SIZE), MAX_IMAGE_SIZE
+)
+MAX_UPLOAD_FILES = 30
+UPLOAD_CONTENT_TYPES = ("image/jpeg", "image/png", "image/webp", "image/heic")
+
+# A deliberately small, conservative list: the endpoint's output safety checker is the
+# real guard; this only turns away prompts that plainly ask for abuse before a GPU spins up.
+BLOCKED_TERMS = (
+    "nude",
+    "naked",
+    "nsfw",
+    "porn",
+    "pornographic",
+    "sex",
+    "sexual",
+    "topless",
+    "undressed",
+    "lingerie",
+    "genitals",
+    "child",
+    "children",
+    "minor",
+    "underage",
+    "gore",
+    "beheaded",
+    "decapitated",
+    "mutilated",
+    "corpse",
+    "swastika",
+)
+_BLOCKED_RE = re.compile(r"\b(" + "|".join(map(re.escape, BLOCKED_TERMS)) + r")\b", re.IGNORECASE)
+
+app = APIGatewayHttpResolver(
+    enable_validation=True,
+    cors=CORSConfig(
+        allow_origin=os.environ.get("CORS_ALLOW_ORIGIN", "*"),
+        allow_headers=["Authorization", "Content-Type"],
+        max_age=600,
+    ),
+)
+
+
+def _env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise RuntimeError(f"environment variable {name} is not set")
+    return value
+
+
+def _int_env(name: str, default: int) -> int:
+    return int(os.environ.get(name, str(default)))
+
+
+@cache
+def aws() -> SimpleNamespace:
+    """Clients are made on first use (not at import) so tests can mock AWS around them."""
+    return SimpleNamespace(
+        s3=boto3.client("s3", config=Config(signature_version="s3v4")),
+        runtime=boto3.client("sagemaker-runtime"),
+        dynamodb=boto3.resource("dynamodb"),
+    )
+
+
+# --------------------------------------------------------------------------- request bodies
+
+Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+NegativePrompt = Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)]
+IdStr = Annotated[str, StringConstraints(pattern=ID_PATTERN.pattern)]
+FileName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+
+
+class GenerationBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Prompt = Field(description="What to draw; the model's token is added by the endpoint.")
+    negative_prompt: NegativePrompt = ""
+    num_images: int = Field(4, ge=1, le=8, strict=True)
+    steps: int = Field(30, ge=1, le=80, strict=True)
+    guidance_scale: float = Field(7.5, ge=0, le=20, allow_inf_nan=False)
+    width: int = Field(DEFAULT_IMAGE_SIZE, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE, multiple_of=8, strict=True)
+    height: int = Field(DEFAULT_IMAGE_SIZE, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE, multiple_of=8, strict=True)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, strict=True)
+    model_version: IdStr | None = Field(None, description="Default: the newest READY model.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _moderate(cls, prompt: str) -> str:
+        # The negative prompt is not moderated: "nsfw, nude" there is how people avoid it.
+        if _BLOCKED_RE.search(prompt):
+            raise ValueError("prompt contains a term that is not allowed")
+        return prompt
+
+
+class UploadFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: FileName
+    content_type: Literal["image/jpeg", "image/png", "image/webp", "image/heic"]
+
+
+class UploadBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    files: list[UploadFile] = Field(min_length=1, max_length=MAX_UPLOAD_FILES)
+    include_request_json: bool = Field(
+        False, description="Also return a form for request.json (email, subject_class, token)."
+    )
+
+    @field_validator("files")
+    @classmethod
+    def _unique_names(cls, files: list[UploadFile]) -> list[UploadFile]:
+        names = [f.name for f in files]
+        if len(set(names)) != len(names):
+            raise ValueError("file names must be unique")
+        if keys.REQUEST_FILE in names:
+            raise ValueError(f"{keys.REQUEST_FILE} is reserved; use include_request_json")
+        return files
+
+
+# --------------------------------------------------------------------------- auth and errors
+
+
+class FieldErrors(Exception):
+    def __init__(self, errors: list[dict]):
+        super().__init__("invalid request")
+        self.errors = errors
+
+
+def _bad_request(errors: list[dict]) -> Response:
+    return Response(
+        status_code=400,
+        content_type=content_types.APPLICATION_JSON,
+        body={"statusCode": 400, "message": "invalid request", "errors": errors},
+    )
+
+
+def _check_caller() -> None:
+    """401 without a JWT subject; 400 for malformed path ids; 403 when sub != user_id."""
+    route_args = app.context.get("_route_args", {})
+    if "user_id" not in route_args:
+        return  # no route matched (404) or a CORS preflight: nothing of a user's to guard
+    event = app.current_event.raw_event
+    authorizer = (event.get("requestContext") or {}).get("authorizer") or {}
+    claims = (authorizer.get("jwt") or {}).get("claims") or {}
+    subject = claims.get("sub") if isinstance(claims, dict) else None
+    if not isinstance(subject, str) or not subject:
+        raise UnauthorizedError("missing or invalid token")
+    errors = []
+    for name in ("user_id", "generation_id"):
+        if name in route_args:
+            try:
+                validate_id(route_args[name], name)
+            except InvalidIdError as err:
+                errors.append({"field": f"path.{name}", "reason": str(err)})
+    if errors:
+        raise FieldErrors(errors)
+    if subject != route_args.get("user_id"):
+        raise ForbiddenError("this token may not act for that user")
+    logger.append_keys(**{k: route_args[k] for k in ("user_id", "generation_id") if k in route_args})
+
+
+def _auth_middleware(app_, next_middleware):
+    _check_caller()
+    return next_middleware(app_)
+
+
+app.use(middlewares=[_auth_middleware])
+
+
+@app.exception_handler(FieldErrors)
+def _on_field_errors(err: FieldErrors) -> Response:
+    return _bad_request(err.errors)
+
+
+@app.exception_handler(RequestValidationError)
+def _on_validation_error(err: RequestValidationError) -> Response:
+    # Body validation runs before the auth middleware; answer 401/403 first all the same,
+    # so an unauthenticated caller learns nothing about the body rules.
+    try:
+        _check_caller()
+    except FieldErrors as path_errors:
+        return _bad_request(path_errors.errors)
+    errors = []
+    for e in err.errors():
+        # A JSON syntax error's loc ends with a character offset: report it against the body.
+        loc = ["body"] if e.get("type") == "json_invalid" else [str(p) for p in e.get("loc", ())]
+        reason = str(e.get("msg", e.get("type", "invalid"))).removeprefix("Value error, ")
+        errors.append({"field": ".".join(loc) or "body", "reason": reason})
+    return _bad_request(errors)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _models_table():
+    return aws().dynamodb.Table(_env("MODELS_TABLE"))
+
+
+def _generations_table():
+    return aws().dynamodb.Table(_env("GENERATIONS_TABLE"))
+
+
+def _query_all(table, **kwargs) -> list[dict]:
+    items, start = [], None
+    while True:
+        page = table.query(**kwargs, **({"ExclusiveStartKey": start} if start else {}))
+        items.extend(page.get("Items", []))
+        start = page.get("LastEvaluatedKey")
+        if not start:
+            return items
+
+
+def _user_models(user_id: str) -> list[dict]:
+    rows = _query_all(_models_table(), KeyConditionExpression=Key("user_id").eq(user_id))
+    # Newest first: created_at is ISO-8601 UTC, so it sorts as a string; version breaks ties.
+    return sorted(rows, key=lambda r: (str(r.get("created_at", "")), str(r.get("version", ""))), reverse=True)
+
+
+def _pick_model(user_id: str, version: str | None) -> dict:
+    models = _user_models(user_id)
+    if version is not None:
+        row = next((m for m in models if m.get("version") == version), None)
+        if row is None:
+            raise NotFoundError("model_version not found")
+        if row.get("status") != "READY":
+            raise ServiceError(409, f"model {version} is {row.get('status', 'not ready')}, not READY")
+        return row
+    ready = [m for m in models if m.get("status") == "READY"]
+    if not ready:
+        raise ServiceError(409, "no READY model for this user yet")
+    return ready[0]
+
+
+def _status_url(user_id: str, generation_id: str) -> str:
+    path = f"/users/{user_id}/generations/{generation_id}"
+    ctx = app.current_event.raw_event.get("requestContext") or {}
+    domain, stage = ctx.get("domainName"), ctx.get("stage")
+    if not domain:
+        return path
+    prefix = "" if stage in (None, "", "$default") else f"/{stage}"
+    return f"https://{domain}{prefix}{path}"
+
+
+def _delete_all_versions(bucket: str, prefix: str, exact_key: str | None = None) -> int:
+    """Delete every version and delete marker under prefix (the bucket is versioned, so a
+    plain delete would only hide the data). Returns how many were removed."""
+    s3 = aws().s3
+    removed = 0
+    for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
+        victims = [
+            {"Key": v["Key"], "VersionId": v["VersionId"]}
+            for v in page.get("Versions", []) + page.get("DeleteMarkers", [])
+            if exact_key is None or v["Key"] == exact_key
+        ]
+        for i in range(0, len(victims), 1000):
+            answer = s3.delete_objects(
+                Bucket=bucket, Delete={"Objects": victims[i : i + 1000], "Quiet": True}
+            )
+            if answer.get("Errors"):
+                raise RuntimeError(f"S3 refused to delete {len(answer['Errors'])} object versions")
+            removed += len(victims[i : i + 1000])
+    return removed
+
+
+def _owned_async_key(bucket: str, location: object) -> str | None:
+    """The key of an async output/failure object in our bucket, else None."""
+    try:
+        loc_bucket, key = gen.parse_s3_uri(location)
+    except ValueError:
+        return None
+    if loc_bucket != bucket or not key.startswith((keys.ASYNC_OUTPUT, keys.ASYNC_FAILURES)):
+        return None
+    return key
+
+
+def _image_view(item: dict, user_id: str, generation_id: str, ttl: int) -> dict | None:
+    key = item.get("key")
+    # Never sign a key outside this generation's folder, whatever the output claimed.
+    if not isinstance(key, str) or not key.startswith(keys.generation_prefix(user_id, generation_id)):
+        return None
+    url = aws().s3.generate_presigned_url(
+        "get_object", Params={"Bucket": _env("BUCKET"), "Key": key}, ExpiresIn=ttl
+    )
+    return {
+        "url": url,
+        "seed": gen.from_dynamo(item.get("seed")),
+        "identity_similarity": gen.from_dynamo(item.get("identity_similarity")),
+    }
+
+
+# --------------------------------------------------------------------------- routes
+
+
+@app.post(
+    "/users/<user_id>/uploads",
+    summary="Presigned POST forms for the photos of a new batch",
+    responses={200: {"description": "batch_id and one form per file"}, 400: {"description": "bad body"}},
+)
+@tracer.capture_method
+def create_upload(user_id: str, body: Annotated[UploadBody, Body()]):
+    batch_id = new_id()
+    prefix = keys.upload_prefix(user_id, batch_id)
+    ttl = _int_env("UPLOAD_URL_TTL_SECONDS", 900)
+    max_bytes = _int_env("MAX_UPLOAD_BYTES", 20 * 1024 * 1024)
+    files = [(f.name, f.content_type) for f in body.files]
+    if body.include_request_json:
+        files.append((keys.REQUEST_FILE, "application/json"))
+    uploads = []
+    for name, content_type in files:
+        key = f"{prefix}{name}"
+        form = aws().s3.generate_presigned_post(
+            Bucket=_env("BUCKET"),
+            Key=key,
+            Fields={"Content-Type": content_type},
+            Conditions=[
+                ["starts-with", "$key", prefix],
+                {"Content-Type": content_type},
+                ["content-length-range", 1, max_bytes if name != keys.REQUEST_FILE else 16 * 1024],
+            ],
+            ExpiresIn=ttl,
+        )
+        uploads.append({"name": name, "key": key, "url": form["url"], "fields": form["fields"]})
+    logger.append_keys(batch_id=batch_id)
+    logger.info("upload forms issued", extra={"files": len(uploads)})
+    metrics.add_metric(name="UploadBatchesCreated", unit=MetricUnit.Count, value=1)
+    return {
+        "batch_id": batch_id,
+        "prefix": prefix,
+        "expires_in": ttl,
+        "max_bytes": max_bytes,
+        "uploads": uploads,
+    }
+
+
+@app.get("/users/<user_id>/models", summary="The user's model versions and their status")
+@tracer.capture_method
+def list_models(user_id: str):
+    models = [
+        {
+            "version": m.get("version"),
+            "status": m.get("status"),
+            "batch_id": m.get("batch_id"),
+            "created_at": m.get("created_at"),
+            "updated_at": m.get("updated_at"),
+            "metrics": gen.from_dynamo(m.get("metrics")),
+        }
+        for m in _user_models(user_id)
+    ]
+    latest = next((m["version"] for m in models if m["status"] == "READY"), None)
+    return {"user_id": user_id, "latest_ready": latest, "models": models}
+
+
+@app.post(
+    "/users/<user_id>/generations",
+    summary="Queue a generation on the async endpoint",
+    responses={
+        202: {"description": "queued: generation_id and status_url"},
+        400: {"description": "bad body (field reasons)"},
+        404: {"description": "model_version not found"},
+        409: {"description": "model not READY / no READY model"},
+        503: {"description": "endpoint refused the request"},
+    },
+)
+@tracer.capture_method
+def create_generation(user_id: str, body: Annotated[GenerationBody, Body()]):
+    model = _pick_model(user_id, body.model_version)
+    generation_id = new_id()
+    logger.append_keys(generation_id=generation_id)
+    bucket = _env("BUCKET")
+    request_key = keys.request_key(generation_id)
+    document = {
+        "generation_id": generation_id,
+        "user_id": user_id,
+        "model_version": model["version"],
+        **body.model_dump(exclude={"model_version"}),
+    }
+    document = {field: document[field] for field in gen.REQUEST_FIELDS}
+    aws().s3.put_object(
+        Bucket=bucket,
+        Key=request_key,
+        Body=json.dumps(document).encode(),
+        ContentType="application/json",
+    )
+    now = gen.utc_now()
+    ttl_days = _int_env("GENERATION_TTL_DAYS", 30)
+    table = _generations_table()
+    # The row exists before the endpoint is called: a fast endpoint (the local one) may
+    # notify before InvokeEndpointAsync even returns.
+    table.put_item(
+        Item=gen.to_dynamo(
+            {
+                "generation_id": generation_id,
+                "user_id": user_id,
+                "model_version": model["version"],
+                "status": gen.PENDING,
+                "request_key": request_key,
+                "params": {k: document[k] for k in gen.REQUEST_FIELDS[3:]},
+                "created_at": now,
+                "updated_at": now,
+                "ttl": int((datetime.now(UTC) + timedelta(days=ttl_days)).timestamp()),
+            }
+        ),
+        ConditionExpression="attribute_not_exists(generation_id)",
+    )
+    try:
+        answer = aws().runtime.invoke_endpoint_async(
+            EndpointName=_env("ENDPOINT_NAME"),
+            InputLocation=f"s3://{bucket}/{request_key}",
+            InferenceId=generation_id,
+            ContentType="application/json",
+        )
+    except (ClientError, BotoCoreError) as err:
+        logger.exception("InvokeEndpointAsync failed")
+        metrics.add_metric(name="GenerationsNotQueued", unit=MetricUnit.Count, value=1)
+        table.update_item(
+            Key={"generation_id": generation_id},
+            UpdateExpression="SET #s = :failed, #e = :e, updated_at = :now",
+            ExpressionAttributeNames={"#s": "status", "#e": "error"},
+            ExpressionAttributeValues={
+                ":failed": gen.FAILED,
+                ":e": "could not queue the request",
+                ":now": now,
+            },
+        )
+        raise ServiceUnavailableError(
+            "the generation endpoint did not accept the request; retry later"
+        ) from err
+    # Remember where SageMaker will write, so DELETE /users finds it even without a notice.
+    locations = {
+        k: answer.get(v)
+        for k, v in (("output_location", "OutputLocation"), ("failure_location", "FailureLocation"))
+        if answer.get(v)
+    }
+    if locations:
+        table.update_item(
+            Key={"generation_id": generation_id},
+            UpdateExpression="SET " + ", ".join(f"{k} = if_not_exists({k}, :{k})" for k in locations),
+            ExpressionAttributeValues={f":{k}": v for k, v in locations.items()},
+        )
+    logger.info("generation queued", extra={"model_version": model["version"], "num_images": body.num_images})
+    metrics.add_metric(name="GenerationsQueued", unit=MetricUnit.Count, value=1)
+    metrics.add_metric(name="ImagesRequested", unit=MetricUnit.Count, value=body.num_images)
+    return (
+        {
+            "generation_id": generation_id,
+            "status": gen.PENDING,
+            "model_version": model["version"],
+            "status_url": _status_url(user_id, generation_id),
+        },
+        202,
+    )
+
+
+@app.get(
+    "/users/<user_id>/generations/<generation_id>",
+    summary="Status of a generation; presigned image URLs once COMPLETED",
+    responses={200: {"description": "status"}, 404: {"description": "no such generation for this user"}},
+)
+@tracer.capture_method
+def get_generation(user_id: str, generation_id: str):
+    row = _generations_table().get_item(Key={"generation_id": generation_id}).get("Item")
+    # Another user's generation answers exactly like a missing one.
+    if not row or row.get("user_id") != user_id:
+        raise NotFoundError("generation not found")
+    view = {
+        "generation_id": generation_id,
+        "status": row.get("status"),
+        "model_version": row.get("model_version"),
+        "created_at": row.get("created_at"),
+        "updated_at": row.get("updated_at"),
+    }
+    if row.get("status") == gen.COMPLETED:
+        ttl = _int_env("IMAGE_URL_TTL_SECONDS", 900)
+        images = [_image_view(item, user_id, generation_id, ttl) for item in row.get("images", [])]
+        view["images"] = [i for i in images if i is not None]
+        view["expires_in"] = ttl
+    elif row.get("status") == gen.FAILED:
+        view["error"] = row.get("error") or "generation failed"
+    return view
+
+
+@app.delete(
+    "/users/<user_id>",
+    summary="Delete every object and row of the user (idempotent)",
+    responses={204: {"description": "deleted (or nothing to delete)"}},
+)
+@tracer.capture_method
+def delete_user(user_id: str):
+    bucket = _env("BUCKET")
+    removed = 0
+    for prefix in keys.USER_PREFIXES:
+        removed += _delete_all_versions(bucket, keys.user_prefix(prefix, user_id))
+    generations = _generations_table()
+    rows = _query_all(
+        generations,
+        IndexName=gen.USER_INDEX,
+        KeyConditionExpression=Key("user_id").eq(user_id),
+    )
+    for row in rows:
+        generation_id = row["generation_id"]
+        request_key = keys.request_key(generation_id)
+        removed += _delete_all_versions(bucket, request_key, exact_key=request_key)
+        for location in (row.get("output_location"), row.get("failure_location")):
+            key = _owned_async_key(bucket, location)
+            if key:
+                removed += _delete_all_versions(bucket, key, exact_key=key)
+        # The row goes last: it is how a retried DELETE finds the objects above.
+        generations.delete_item(Key={"generation_id": generation_id})
+    registry = _models_table()
+    models = _query_all(registry, KeyConditionExpression=Key("user_id").eq(user_id))
+    with registry.batch_writer() as batch:
+        for row in models:
+            batch.delete_item(Key={"user_id": user_id, "version": row["version"]})
+    logger.info(
+        "user deleted",
+        extra={"object_versions": removed, "generations": len(rows), "models": len(models)},
+    )
+    metrics.add_metric(name="UsersDeleted", unit=MetricUnit.Count, value=1)
+    return Response(status_code=204)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def openapi_json() -> str:
+    return app.get_openapi_json_schema(
+        title="avatarflow API",
+        version=__version__,
+        description="Personal avatar generation: uploads, models, asynchronous generations.",
+        security_schemes={"jwt": HTTPBearer(bearerFormat="JWT")},
+        security=[{"jwt": []}],
+    )
+
+
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True)
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def handler(event, context):
+    return app.resolve(event, context)
+
+
+if __name__ == "__main__":
+    print(openapi_json())

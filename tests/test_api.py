@@ -1,0 +1,570 @@
+"""functions/api: every route against moto, InvokeEndpointAsync through a botocore Stubber."""
+
+import base64
+import importlib.util
+import json
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import boto3
+import pytest
+from apitools import (
+    BUCKET,
+    ENDPOINT_NAME,
+    ENV,
+    GENERATIONS_TABLE,
+    body_of,
+    create_resources,
+    empty_resources,
+    http_event,
+    put_model,
+    sns_event,
+)
+from botocore.stub import Stubber
+from moto import mock_aws
+
+from avatarflow import keys
+from avatarflow_local.functions import load_function_module
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD_BODY = {"prompt": "portrait of sks person as an astronaut, studio light", "num_images": 2, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def aws_env():
+    # One moto world per module (a fresh one per test costs ~0.5 s); `api` empties it after each test.
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in ENV.items():
+            mp.setenv(name, value)
+        with mock_aws():
+            create_resources()
+            module = load_function_module("api")
+            module.aws.cache_clear()  # clients made inside this moto context
+            load_function_module("on_generation_done").aws.cache_clear()
+            yield
+
+
+@pytest.fixture
+def api(aws_env, lambda_context, monkeypatch):
+    module = load_function_module("api")
+    done = load_function_module("on_generation_done")
+    stubber = Stubber(module.aws().runtime)
+    stubber.activate()
+    ids = iter(f"gen{i:04d}" for i in range(1000))
+    monkeypatch.setattr(module, "new_id", lambda: next(ids))
+
+    class Api:
+        mod = module
+        stub = stubber
+
+        def __call__(self, method, path, **kwargs):
+            return module.handler(http_event(method, path, **kwargs), lambda_context)
+
+        def notify(self, message):
+            return done.handler(sns_event(message), lambda_context)
+
+    yield Api()
+    stubber.deactivate()
+    empty_resources()
+
+
+def expect_invoke(api, generation_id, output="async-output/abc.out"):
+    api.stub.add_response(
+        "invoke_endpoint_async",
+        {
+            "InferenceId": generation_id,
+            "OutputLocation": f"s3://{BUCKET}/{output}",
+            "FailureLocation": f"s3://{BUCKET}/async-failures/abc-error.out",
+        },
+        expected_params={
+            "EndpointName": ENDPOINT_NAME,
+            "InputLocation": f"s3://{BUCKET}/requests/{generation_id}.json",
+            "InferenceId": generation_id,
+            "ContentType": "application/json",
+        },
+    )
+
+
+def generation_row(generation_id):
+    return (
+        boto3.resource("dynamodb")
+        .Table(GENERATIONS_TABLE)
+        .get_item(Key={"generation_id": generation_id})
+        .get("Item")
+    )
+
+
+def fields_of(response):
+    return {e["field"]: e["reason"] for e in body_of(response)["errors"]}
+
+
+# ---------------------------------------------------------------- auth, common to all routes
+
+ROUTES = [
+    ("POST", "/users/{u}/uploads", {"files": [{"name": "a.jpg", "content_type": "image/jpeg"}]}),
+    ("GET", "/users/{u}/models", None),
+    ("POST", "/users/{u}/generations", GOOD_BODY),
+    ("GET", "/users/{u}/generations/gen0000", None),
+    ("DELETE", "/users/{u}", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES)
+def test_no_token_is_401(api, method, path, body):
+    response = api(method, path.format(u="alice"), sub=None, body=body)
+    assert response["statusCode"] == 401
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES)
+def test_other_users_id_is_403(api, method, path, body):
+    response = api(method, path.format(u="bob"), sub="alice", body=body)
+    assert response["statusCode"] == 403
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES)
+def test_malformed_user_id_is_400(api, method, path, body):
+    response = api(method, path.format(u="al.ice"), sub="al.ice", body=body)
+    assert response["statusCode"] == 400
+    assert "path.user_id" in fields_of(response)
+
+
+def test_401_wins_over_a_bad_body(api):
+    response = api("POST", "/users/alice/generations", sub=None, body={"prompt": ""})
+    assert response["statusCode"] == 401
+    response = api("POST", "/users/bob/generations", sub="alice", body={"prompt": ""})
+    assert response["statusCode"] == 403
+
+
+def test_claims_without_sub_is_401(api):
+    response = api("GET", "/users/alice/models", claims={"email": "a@example.com"})
+    assert response["statusCode"] == 401
+
+
+def test_unknown_route_is_404(api):
+    assert api("GET", "/users/alice/nothing-here")["statusCode"] == 404
+
+
+# ---------------------------------------------------------------- uploads
+
+
+def test_uploads_issue_one_scoped_form_per_file(api):
+    body = {
+        "files": [
+            {"name": "IMG_0001.jpg", "content_type": "image/jpeg"},
+            {"name": "b.png", "content_type": "image/png"},
+        ],
+        "include_request_json": True,
+    }
+    response = api("POST", "/users/alice/uploads", body=body)
+    assert response["statusCode"] == 200
+    out = body_of(response)
+    batch = out["batch_id"]
+    assert out["prefix"] == f"uploads/alice/{batch}/"
+    assert [u["key"] for u in out["uploads"]] == [
+        f"uploads/alice/{batch}/IMG_0001.jpg",
+        f"uploads/alice/{batch}/b.png",
+        f"uploads/alice/{batch}/request.json",
+    ]
+    first = out["uploads"][0]
+    assert first["fields"]["key"] == f"uploads/alice/{batch}/IMG_0001.jpg"
+    assert first["fields"]["Content-Type"] == "image/jpeg"
+    policy = json.loads(base64.b64decode(first["fields"]["policy"]))
+    conditions = policy["conditions"]
+    assert ["starts-with", "$key", f"uploads/alice/{batch}/"] in conditions
+    assert {"Content-Type": "image/jpeg"} in conditions
+    assert ["content-length-range", 1, 20 * 1024 * 1024] in conditions
+    assert {"bucket": BUCKET} in conditions
+    assert {"key": f"uploads/alice/{batch}/IMG_0001.jpg"} in conditions
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"files": []}, "body.files"),
+        ({"files": [{"name": "../x.jpg", "content_type": "image/jpeg"}]}, "body.files.0.name"),
+        ({"files": [{"name": "a.jpg", "content_type": "text/html"}]}, "body.files.0.content_type"),
+        ({"files": [{"name": "a.jpg", "content_type": "image/jpeg"}] * 2}, "body.files"),
+        ({"files": [{"name": "request.json", "content_type": "image/jpeg"}]}, "body.files"),
+        ({"files": [{"name": f"{i}.jpg", "content_type": "image/jpeg"} for i in range(31)]}, "body.files"),
+    ],
+)
+def test_uploads_bad_body_is_400_with_field(api, body, field):
+    response = api("POST", "/users/alice/uploads", body=body)
+    assert response["statusCode"] == 400
+    assert field in fields_of(response)
+
+
+# ---------------------------------------------------------------- models
+
+
+def test_models_lists_versions_newest_first(api):
+    put_model("alice", "v1", "READY", "2025-01-01T00:00:00.000000Z")
+    put_model("alice", "v2", "FAILED", "2025-02-01T00:00:00.000000Z")
+    put_model("bob", "v9", "READY")
+    response = api("GET", "/users/alice/models")
+    assert response["statusCode"] == 200
+    out = body_of(response)
+    assert [(m["version"], m["status"]) for m in out["models"]] == [("v2", "FAILED"), ("v1", "READY")]
+    assert out["latest_ready"] == "v1"
+
+
+def test_models_empty_for_new_user(api):
+    out = body_of(api("GET", "/users/carol/models", sub="carol"))
+    assert out == {"user_id": "carol", "latest_ready": None, "models": []}
+
+
+# ---------------------------------------------------------------- create generation
+
+
+def test_create_generation_writes_request_row_and_invokes(api):
+    put_model("alice", "v1", "READY", "2025-01-01T00:00:00.000000Z")
+    put_model("alice", "v2", "READY", "2025-03-01T00:00:00.000000Z")
+    put_model("alice", "v3", "TRAINING", "2025-04-01T00:00:00.000000Z")
+    expect_invoke(api, "gen0000")
+    response = api("POST", "/users/alice/generations", body=GOOD_BODY)
+    assert response["statusCode"] == 202, response
+    out = body_of(response)
+    assert out == {
+        "generation_id": "gen0000",
+        "status": "PENDING",
+        "model_version": "v2",
+        "status_url": "https://api.example.com/users/alice/generations/gen0000",
+    }
+    api.stub.assert_no_pending_responses()
+    request = json.loads(
+        boto3.client("s3").get_object(Bucket=BUCKET, Key="requests/gen0000.json")["Body"].read()
+    )
+    assert request == {
+        "generation_id": "gen0000",
+        "user_id": "alice",
+        "model_version": "v2",
+        "prompt": GOOD_BODY["prompt"],
+        "negative_prompt": "",
+        "num_images": 2,
+        "steps": 30,
+        "guidance_scale": 7.5,
+        "width": 512,
+        "height": 512,
+        "seed": 7,
+    }
+    row = generation_row("gen0000")
+    assert row["status"] == "PENDING"
+    assert row["user_id"] == "alice"
+    assert row["request_key"] == "requests/gen0000.json"
+    assert row["output_location"] == f"s3://{BUCKET}/async-output/abc.out"
+    assert row["ttl"] > 0
+
+
+def test_create_generation_with_explicit_version(api):
+    put_model("alice", "v1", "READY", "2025-01-01T00:00:00.000000Z")
+    put_model("alice", "v2", "READY", "2025-03-01T00:00:00.000000Z")
+    expect_invoke(api, "gen0000")
+    response = api("POST", "/users/alice/generations", body={**GOOD_BODY, "model_version": "v1"})
+    assert response["statusCode"] == 202
+    assert body_of(response)["model_version"] == "v1"
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"prompt": "x" * 501}, "body.prompt"),
+        ({"prompt": "   "}, "body.prompt"),
+        ({"prompt": "a NUDE photo of sks person"}, "body.prompt"),
+        ({"num_images": 9}, "body.num_images"),
+        ({"num_images": 0}, "body.num_images"),
+        ({"num_images": "4"}, "body.num_images"),
+        ({"steps": 81}, "body.steps"),
+        ({"guidance_scale": 21}, "body.guidance_scale"),
+        ({"width": 500}, "body.width"),
+        ({"height": 64}, "body.height"),
+        ({"width": 2048}, "body.width"),
+        ({"seed": -1}, "body.seed"),
+        ({"model_version": "../v1"}, "body.model_version"),
+        ({"colour": "blue"}, "body.colour"),
+    ],
+)
+def test_create_generation_bad_body_is_400_with_field(api, patch, field):
+    put_model("alice", "v1", "READY")
+    response = api("POST", "/users/alice/generations", body={**GOOD_BODY, **patch})
+    assert response["statusCode"] == 400
+    reasons = fields_of(response)
+    assert field in reasons, reasons
+    assert reasons[field]
+
+
+def test_create_generation_missing_prompt_and_bad_json(api):
+    response = api("POST", "/users/alice/generations", body={"num_images": 1})
+    assert response["statusCode"] == 400
+    assert "body.prompt" in fields_of(response)
+    response = api("POST", "/users/alice/generations", body="{not json")
+    assert response["statusCode"] == 400
+    assert fields_of(response) == {"body": "JSON decode error"}
+
+
+def test_negative_prompt_is_not_moderated(api):
+    put_model("alice", "v1", "READY")
+    expect_invoke(api, "gen0000")
+    response = api("POST", "/users/alice/generations", body={**GOOD_BODY, "negative_prompt": "nsfw, nude"})
+    assert response["statusCode"] == 202
+
+
+def test_create_generation_without_ready_model_is_409(api):
+    assert api("POST", "/users/alice/generations", body=GOOD_BODY)["statusCode"] == 409
+    put_model("alice", "v1", "TRAINING")
+    assert api("POST", "/users/alice/generations", body=GOOD_BODY)["statusCode"] == 409
+    put_model("alice", "v0", "FAILED")
+    response = api("POST", "/users/alice/generations", body={**GOOD_BODY, "model_version": "v0"})
+    assert response["statusCode"] == 409
+    # Nothing was queued or written.
+    assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="requests/")
+
+
+def test_create_generation_unknown_version_is_404(api):
+    put_model("alice", "v1", "READY")
+    response = api("POST", "/users/alice/generations", body={**GOOD_BODY, "model_version": "v7"})
+    assert response["statusCode"] == 404
+
+
+def test_another_users_model_is_not_usable(api):
+    put_model("bob", "v1", "READY")
+    response = api("POST", "/users/alice/generations", body={**GOOD_BODY, "model_version": "v1"})
+    assert response["statusCode"] == 404
+
+
+def test_endpoint_refusal_is_503_and_marks_failed(api):
+    put_model("alice", "v1", "READY")
+    api.stub.add_client_error("invoke_endpoint_async", "ValidationError", "Endpoint not found", 400)
+    response = api("POST", "/users/alice/generations", body=GOOD_BODY)
+    assert response["statusCode"] == 503
+    assert generation_row("gen0000")["status"] == "FAILED"
+
+
+# ---------------------------------------------------------------- get generation, lifecycle
+
+
+def queue(api, user="alice"):
+    put_model(user, "v1", "READY")
+    expect_invoke(api, "gen0000")
+    assert api("POST", f"/users/{user}/generations", body=GOOD_BODY, sub=user)["statusCode"] == 202
+    return "gen0000"
+
+
+def write_output(images, key="async-output/abc.out"):
+    result = {"generation_id": "gen0000", "images": images, "timings": {"total_s": 4.2}}
+    boto3.client("s3").put_object(Bucket=BUCKET, Key=key, Body=json.dumps(result).encode())
+    for image in images:
+        boto3.client("s3").put_object(Bucket=BUCKET, Key=image["key"], Body=b"\x89PNG fake")
+
+
+def success_notice(generation_id, output="async-output/abc.out"):
+    return {
+        "awsRegion": "us-east-1",
+        "eventTime": "2025-01-01T00:01:00.000Z",
+        "receivedTime": "2025-01-01T00:00:00.000Z",
+        "invocationStatus": "Completed",
+        "requestParameters": {
+            "contentType": "application/json",
+            "endpointName": ENDPOINT_NAME,
+            "inputLocation": f"s3://{BUCKET}/requests/{generation_id}.json",
+        },
+        "responseParameters": {
+            "contentType": "application/json",
+            "outputLocation": f"s3://{BUCKET}/{output}",
+        },
+        "inferenceId": generation_id,
+        "eventVersion": "1.0",
+        "eventSource": "aws:sagemaker",
+        "eventName": "InferenceResult",
+    }
+
+
+def failure_notice(generation_id, reason="ClientError: Received server error (500) from model."):
+    notice = success_notice(generation_id)
+    notice["invocationStatus"] = "Failed"
+    notice["failureReason"] = reason
+    notice["responseParameters"] = {
+        "contentType": "application/json",
+        "failureLocation": f"s3://{BUCKET}/async-failures/abc-error.out",
+    }
+    return notice
+
+
+def test_lifecycle_pending_to_completed_with_presigned_urls(api):
+    generation_id = queue(api)
+    pending = api("GET", f"/users/alice/generations/{generation_id}")
+    assert pending["statusCode"] == 200
+    assert body_of(pending)["status"] == "PENDING"
+    assert "images" not in body_of(pending)
+
+    prefix = keys.generation_prefix("alice", generation_id)
+    images = [
+        {"key": f"{prefix}000.png", "seed": 7, "identity_similarity": 0.61},
+        {"key": f"{prefix}001.png", "seed": 8, "identity_similarity": None},
+    ]
+    write_output(images)
+    assert api.notify(success_notice(generation_id)) == {"outcomes": ["COMPLETED"]}
+
+    done = api("GET", f"/users/alice/generations/{generation_id}")
+    out = body_of(done)
+    assert out["status"] == "COMPLETED"
+    assert out["expires_in"] == 900
+    assert [(i["seed"], i["identity_similarity"]) for i in out["images"]] == [(7, 0.61), (8, None)]
+    for image, expected in zip(out["images"], images, strict=True):
+        url = urlparse(image["url"])
+        assert url.path.endswith("/" + expected["key"])
+        assert BUCKET in url.netloc + url.path
+        query = parse_qs(url.query)
+        assert query["X-Amz-Expires"] == ["900"]
+        assert "X-Amz-Signature" in query
+    # The URL really fetches the object (moto answers presigned GETs).
+    import requests
+
+    assert requests.get(out["images"][0]["url"], timeout=10).content == b"\x89PNG fake"
+
+
+def test_lifecycle_pending_to_failed(api):
+    generation_id = queue(api)
+    assert api.notify(failure_notice(generation_id)) == {"outcomes": ["FAILED"]}
+    out = body_of(api("GET", f"/users/alice/generations/{generation_id}"))
+    assert out["status"] == "FAILED"
+    assert out["error"].startswith("ClientError: Received server error (500)")
+    assert "images" not in out
+
+
+def test_another_users_generation_is_404_like_a_missing_one(api):
+    generation_id = queue(api, user="bob")
+    # alice asks for bob's generation under her own path: same answer as a missing id.
+    theirs = api("GET", f"/users/alice/generations/{generation_id}")
+    missing = api("GET", "/users/alice/generations/doesnotexist")
+    assert theirs["statusCode"] == missing["statusCode"] == 404
+    assert body_of(theirs) == body_of(missing)
+
+
+def test_malformed_generation_id_is_400(api):
+    response = api("GET", "/users/alice/generations/bad.id")
+    assert response["statusCode"] == 400
+    assert "path.generation_id" in fields_of(response)
+
+
+def test_images_outside_the_generation_folder_are_never_signed(api):
+    generation_id = queue(api)
+    prefix = keys.generation_prefix("alice", generation_id)
+    write_output(
+        [
+            {"key": f"{prefix}000.png", "seed": 1, "identity_similarity": 0.5},
+            {"key": "uploads/bob/b1/secret.jpg", "seed": 2, "identity_similarity": 0.5},
+        ]
+    )
+    api.notify(success_notice(generation_id))
+    out = body_of(api("GET", f"/users/alice/generations/{generation_id}"))
+    assert len(out["images"]) == 1
+    assert "bob" not in out["images"][0]["url"]
+
+
+# ---------------------------------------------------------------- delete user
+
+
+def seed_user(s3, user):
+    """Objects under every per-user prefix, with old versions and a delete marker."""
+    written = []
+    for prefix in keys.USER_PREFIXES:
+        key = f"{keys.user_prefix(prefix, user)}b1/file.bin"
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b"one")
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b"two")
+        gone = f"{keys.user_prefix(prefix, user)}b1/deleted.bin"
+        s3.put_object(Bucket=BUCKET, Key=gone, Body=b"x")
+        s3.delete_object(Bucket=BUCKET, Key=gone)
+        written += [key, gone]
+    return written
+
+
+def versions_under(s3, prefix):
+    page = s3.list_object_versions(Bucket=BUCKET, Prefix=prefix)
+    return [v["Key"] for v in page.get("Versions", []) + page.get("DeleteMarkers", [])]
+
+
+def test_delete_user_removes_every_object_and_row_and_only_theirs(api):
+    s3 = boto3.client("s3")
+    seed_user(s3, "alice")
+    seed_user(s3, "bob")
+    seed_user(s3, "alice2")  # shares a name prefix with alice: must survive
+    generation_id = queue(api, user="alice")
+    write_output(
+        [
+            {
+                "key": f"{keys.generation_prefix('alice', generation_id)}000.png",
+                "seed": 1,
+                "identity_similarity": 0.4,
+            }
+        ]
+    )
+    api.notify(success_notice(generation_id))
+    put_model("alice", "v2", "FAILED")
+    put_model("bob", "v1", "READY")
+    s3.put_object(Bucket=BUCKET, Key="requests/other.json", Body=b"{}")
+
+    response = api("DELETE", "/users/alice")
+    assert response["statusCode"] == 204
+
+    for prefix in keys.USER_PREFIXES:
+        assert versions_under(s3, keys.user_prefix(prefix, "alice")) == []
+        assert len(versions_under(s3, keys.user_prefix(prefix, "bob"))) == 4
+        assert len(versions_under(s3, keys.user_prefix(prefix, "alice2"))) == 4
+    assert versions_under(s3, f"requests/{generation_id}.json") == []
+    assert versions_under(s3, "async-output/abc.out") == []
+    assert versions_under(s3, "requests/other.json") == ["requests/other.json"]
+
+    ddb = boto3.resource("dynamodb")
+    models = ddb.Table(ENV["MODELS_TABLE"]).scan()["Items"]
+    assert {(m["user_id"], m["version"]) for m in models} == {("bob", "v1")}
+    assert [r for r in ddb.Table(GENERATIONS_TABLE).scan()["Items"] if r["user_id"] == "alice"] == []
+    # The API agrees: no models, the generation is gone.
+    assert body_of(api("GET", "/users/alice/models"))["models"] == []
+    assert api("GET", f"/users/alice/generations/{generation_id}")["statusCode"] == 404
+    # Idempotent.
+    assert api("DELETE", "/users/alice")["statusCode"] == 204
+
+
+def test_delete_user_with_nothing_is_204(api):
+    assert api("DELETE", "/users/nobody", sub="nobody")["statusCode"] == 204
+
+
+# ---------------------------------------------------------------- configuration, OpenAPI
+
+
+def test_image_bounds_come_from_the_environment(monkeypatch):
+    """The local tiny model runs at 64 px: MIN_IMAGE_SIZE lowers the bound."""
+    monkeypatch.setenv("MIN_IMAGE_SIZE", "64")
+    monkeypatch.setenv("DEFAULT_IMAGE_SIZE", "64")
+    spec = importlib.util.spec_from_file_location("api_small", REPO / "functions/api/app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    body = module.GenerationBody(prompt="sks person")
+    assert (body.width, body.height) == (64, 64)
+    assert module.GenerationBody(prompt="p", width=128).width == 128
+
+
+def test_openapi_document_is_up_to_date(api):
+    current = json.loads(api.mod.openapi_json())
+    committed = json.loads((REPO / "docs/openapi.json").read_text())
+    assert committed == current, "run: .venv/bin/python functions/api/app.py > docs/openapi.json"
+    assert set(current["paths"]) == {
+        "/users/{user_id}/uploads",
+        "/users/{user_id}/models",
+        "/users/{user_id}/generations",
+        "/users/{user_id}/generations/{generation_id}",
+        "/users/{user_id}",
+    }
+
+
+def test_sample_events_run(api, lambda_context):
+    expected = {
+        "api_create_upload.json": 200,
+        "api_list_models.json": 200,
+        "api_create_generation.json": 409,  # alice has no READY model in an empty table
+        "api_get_generation.json": 404,
+        "api_delete_user.json": 204,
+    }
+    for name, status in expected.items():
+        event = json.loads((REPO / "events" / name).read_text())
+        assert api.mod.handler(event, lambda_context)["statusCode"] == status, name

@@ -296,21 +296,29 @@ class BaseModel:
         self.device = device
         self.weight_dtype = weight_dtype
         self.noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        # Load straight into the target dtype: a full-size fp32 copy first would double host memory.
         self.tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")]
-        self.text_encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")]
+        self.text_encoders = [
+            CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=weight_dtype)
+        ]
         if self.is_sdxl:
             self.tokenizers.append(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"))
             self.text_encoders.append(
-                CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")
+                CLIPTextModelWithProjection.from_pretrained(
+                    folder, subfolder="text_encoder_2", torch_dtype=weight_dtype
+                )
             )
         # The VAE stays fp32: it only encodes the few training images once, and SDXL's VAE
         # overflows in fp16 (its config says force_upcast).
-        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").to(device, torch.float32)
-        self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").to(device, weight_dtype)
+        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32).to(
+            device
+        )
+        self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=weight_dtype)
+        self.unet.to(device)
         for module in [self.vae, self.unet, *self.text_encoders]:
             module.requires_grad_(False)
         for te in self.text_encoders:
-            te.to(device, weight_dtype)
+            te.to(device)
 
     @property
     def vae_scale(self) -> int:
@@ -613,7 +621,7 @@ def train(paths: Paths, hp: Hyperparameters, log=print) -> dict:
         time_ids = torch.tensor([[r, r, 0, 0, r, r]], device=device, dtype=weight_dtype)
 
     signature = _checkpoint_signature(hp, fingerprint)
-    start, losses = 0, []
+    start, losses, step_times = 0, [], []
     resume = latest_checkpoint(paths)
     if resume is not None:
         start, losses = load_checkpoint(resume, models, optimizer, scaler, signature)
@@ -677,12 +685,11 @@ def train(paths: Paths, hp: Hyperparameters, log=print) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         losses.append(float(loss.item()))
+        step_times.append(time.perf_counter() - t0)
         done = step + 1
         bar.update(1)
         # One plain line per step, scraped by the SageMaker MetricDefinitions (docs/architecture.md).
-        bar.write(
-            f"step={done} loss={losses[-1]:.6f} step_time={time.perf_counter() - t0:.4f}", file=sys.stdout
-        )
+        bar.write(f"step={done} loss={losses[-1]:.6f} step_time={step_times[-1]:.4f}", file=sys.stdout)
         if done % hp.checkpointing_steps == 0 or done == hp.max_train_steps:
             save_checkpoint(paths, done, models, optimizer, scaler, losses, signature)
             if done == kill_after:
@@ -714,6 +721,8 @@ def train(paths: Paths, hp: Hyperparameters, log=print) -> dict:
         "loss": {"first": losses[0], "last": losses[-1], "mean": sum(losses) / len(losses)}
         if losses
         else None,
+        # median over the steps this process ran (the first steps include warm-up)
+        "step_time_median_s": sorted(step_times)[len(step_times) // 2] if step_times else None,
         "reference_embedding": reference_embedding,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }

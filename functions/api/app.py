@@ -327,7 +327,7 @@ def _image_view(item: dict, user_id: str, generation_id: str, ttl: int) -> dict 
     if not isinstance(key, str) or not key.startswith(keys.generation_prefix(user_id, generation_id)):
         return None
     url = aws().s3.generate_presigned_url(
-        "get_object", Params={"Bucket": _env("BUCKET"), "Key": key}, ExpiresIn=ttl
+        "get_object", Params={"Bucket": _env("BUCKET_NAME"), "Key": key}, ExpiresIn=ttl
     )
     return {
         "url": url,
@@ -357,7 +357,7 @@ def create_upload(user_id: str, body: Annotated[UploadBody, Body()]):
     for name, content_type in files:
         key = f"{prefix}{name}"
         form = aws().s3.generate_presigned_post(
-            Bucket=_env("BUCKET"),
+            Bucket=_env("BUCKET_NAME"),
             Key=key,
             Fields={"Content-Type": content_type},
             Conditions=[
@@ -391,6 +391,7 @@ def list_models(user_id: str):
             "created_at": m.get("created_at"),
             "updated_at": m.get("updated_at"),
             "metrics": gen.from_dynamo(m.get("metrics")),
+            "error": m.get("failure_error"),
         }
         for m in _user_models(user_id)
     ]
@@ -414,7 +415,7 @@ def create_generation(user_id: str, body: Annotated[GenerationBody, Body()]):
     model = _pick_model(user_id, body.model_version)
     generation_id = new_id()
     logger.append_keys(generation_id=generation_id)
-    bucket = _env("BUCKET")
+    bucket = _env("BUCKET_NAME")
     request_key = keys.request_key(generation_id)
     document = {
         "generation_id": generation_id,
@@ -534,7 +535,7 @@ def get_generation(user_id: str, generation_id: str):
 )
 @tracer.capture_method
 def delete_user(user_id: str):
-    bucket = _env("BUCKET")
+    bucket = _env("BUCKET_NAME")
     removed = 0
     for prefix in keys.USER_PREFIXES:
         removed += _delete_all_versions(bucket, keys.user_prefix(prefix, user_id))

@@ -56,7 +56,7 @@ def _read_json(bucket: str, key: str) -> dict | None:
 
 def _result_of(notice: gen.AsyncNotice, row: dict) -> dict | None:
     """The container's result: the async output body, else the result.json it wrote."""
-    bucket = os.environ["BUCKET"]
+    bucket = os.environ["BUCKET_NAME"]
     if notice.output_location:
         try:
             out_bucket, out_key = gen.parse_s3_uri(notice.output_location)

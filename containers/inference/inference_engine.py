@@ -1,0 +1,517 @@
+"""The model side of the inference container: one resident base pipeline, per-user LoRA
+adapters hot-swapped into a single slot, generation, output safety check, identity score,
+and the writes under `generations/<user_id>/<generation_id>/`.
+
+Why a single hot-swapped slot: diffusers' `enable_lora_hotswap` pads the slot to the
+largest rank once, and `load_lora_into_unet(..., hotswap=True)` then copies the next user's
+weights into the same tensors. The UNet's module graph never changes, so a torch.compile'd
+UNet is not recompiled and the base weights are never touched or reloaded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from adapter_cache import Adapter, AdapterCache, AdapterInvalid
+from aws_lambda_powertools import Logger
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from avatarflow import keys
+from avatarflow.ids import ID_PATTERN
+
+logger = Logger(service="avatarflow-inference")
+
+UNET_SLOT = "user"  # the one UNet adapter name every user is hot-swapped into
+TE_SLOT = "user_te"  # text-encoder LoRA (not hot-swappable in diffusers 0.42): load/delete
+DEFAULT_NEGATIVE_PROMPT = (
+    "lowres, blurry, deformed, disfigured, bad anatomy, extra limbs, watermark, text, jpeg artifacts"
+)
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 7.5
+MAX_SEED = 2**32 - 1 - 8  # seed + i must stay a valid 32-bit seed
+
+# Counts base pipeline loads in this process: tests and /ping prove switching never reloads.
+BASE_LOADS = 0
+
+
+# --------------------------------------------------------------------------- request
+class RequestInvalid(ValueError):
+    def __init__(self, fields: dict[str, str]):
+        super().__init__("invalid request: " + ", ".join(sorted(fields)))
+        self.fields = fields
+
+
+Id = Annotated[str, Field(pattern=ID_PATTERN.pattern)]
+Size = Annotated[int | None, Field(default=None, strict=True, ge=64, le=1024, multiple_of=8)]
+
+
+class GenerationRequest(BaseModel):
+    """The body of requests/<generation_id>.json (design.md). Unknown fields are ignored so
+    the API can add bookkeeping fields without breaking the container."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    generation_id: Id
+    user_id: Id
+    model_version: Id
+    prompt: Annotated[str, Field(min_length=1, max_length=500)]
+    negative_prompt: Annotated[str | None, Field(default=None, max_length=500)]
+    num_images: Annotated[int, Field(default=1, strict=True, ge=1, le=8)]
+    steps: Annotated[int, Field(default=DEFAULT_STEPS, strict=True, ge=1, le=80)]
+    guidance_scale: Annotated[float, Field(default=DEFAULT_GUIDANCE, ge=0.0, le=20.0, allow_inf_nan=False)]
+    width: Size
+    height: Size
+    seed: Annotated[int | None, Field(default=None, strict=True, ge=0, le=MAX_SEED)]
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank")
+        return value.strip()
+
+
+def parse_request(body: bytes | str) -> GenerationRequest:
+    """JSON bytes -> request, or RequestInvalid with one reason per field."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RequestInvalid({"body": f"malformed JSON: {err.__class__.__name__}"}) from err
+    if not isinstance(payload, dict):
+        raise RequestInvalid({"body": "must be a JSON object"})
+    try:
+        return GenerationRequest.model_validate(payload)
+    except ValidationError as err:
+        fields: dict[str, str] = {}
+        for e in err.errors(include_input=False, include_url=False):
+            name = ".".join(str(p) for p in e["loc"]) or "body"
+            fields.setdefault(name, e["msg"])
+        raise RequestInvalid(fields) from err
+
+
+def prompt_with_token(prompt: str, token: str, subject_class: str) -> str:
+    """Every prompt names the user's DreamBooth token; add "<token> <class>" when missing."""
+    if token.lower() in prompt.lower().replace(",", " ").split():
+        return prompt
+    return f"photo of {token} {subject_class}, {prompt}"
+
+
+# --------------------------------------------------------------------------- safety
+@dataclass
+class SafetyOutcome:
+    status: str  # "checked" | "not_configured" | "disabled"
+    flags: list[bool | None]
+
+
+class SafetyChecker:
+    """Pluggable output check: any callable images -> list[bool] (True = unsafe)."""
+
+    def __init__(self, check: Callable[[list[Image.Image]], list[bool]] | None, status: str | None = None):
+        self.check = check
+        self.status = status or ("checked" if check else "not_configured")
+
+    def __call__(self, images: list[Image.Image]) -> SafetyOutcome:
+        if self.check is None:
+            return SafetyOutcome(self.status, [None] * len(images))
+        flags = [bool(f) for f in self.check(images)]
+        if len(flags) != len(images):
+            raise RuntimeError("safety check returned a wrong number of flags")
+        return SafetyOutcome("checked", flags)
+
+
+def diffusers_safety_check(folder: str | Path, device: str = "cpu"):
+    """diffusers' StableDiffusionSafetyChecker (CLIP concept filter) from a folder that holds
+    either a whole SD pipeline (safety_checker/ + feature_extractor/) or both files side by side."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    folder = Path(folder)
+    model_dir = folder / "safety_checker" if (folder / "safety_checker").is_dir() else folder
+    proc_dir = folder / "feature_extractor" if (folder / "feature_extractor").is_dir() else folder
+    checker = StableDiffusionSafetyChecker.from_pretrained(str(model_dir), local_files_only=True).to(device)
+    checker.eval()
+    processor = CLIPImageProcessor.from_pretrained(str(proc_dir), local_files_only=True)
+
+    def check(images: list[Image.Image]) -> list[bool]:
+        clip_input = processor(images, return_tensors="pt").pixel_values.to(device, checker.dtype)
+        arrays = [np.asarray(im, dtype=np.float32) / 255.0 for im in images]
+        with torch.no_grad():
+            _, flags = checker(images=arrays, clip_input=clip_input)
+        return [bool(f) for f in flags]
+
+    return check
+
+
+def safety_from_env(base_model: Path | None, device: str) -> SafetyChecker:
+    """SAFETY_CHECKER=off disables; =<folder> loads that checker; unset uses the base model's
+    own safety_checker/ when it ships one (SD 1.5 does), else reports "not_configured"."""
+    setting = os.environ.get("SAFETY_CHECKER", "").strip()
+    if setting.lower() in ("off", "false", "0", "disabled"):
+        return SafetyChecker(None, "disabled")
+    folder = Path(setting) if setting else None
+    if (
+        folder is None
+        and base_model is not None
+        and (base_model / "safety_checker" / "config.json").is_file()
+    ):
+        folder = base_model
+    if folder is None:
+        return SafetyChecker(None, "not_configured")
+    return SafetyChecker(diffusers_safety_check(folder, device))
+
+
+# --------------------------------------------------------------------------- identity
+def default_identity():
+    """(embed_face, cosine) from the face intake module: one detector in the project."""
+    try:
+        from avatarflow.faces import cosine_similarity, embed_face
+    except ImportError:  # pragma: no cover - the image installs the faces extra
+        return None
+    return embed_face, cosine_similarity
+
+
+# --------------------------------------------------------------------------- pipeline
+def pick_device_dtype(device: str | None = None, dtype: str | None = None):
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = (
+        dtype
+        or os.environ.get("AVATARFLOW_DTYPE")
+        or ("bfloat16" if device.startswith("cuda") else "float32")
+    )
+    return device, getattr(torch, name)
+
+
+def load_base_pipeline(path: str | Path, device: str | None = None, dtype: str | None = None):
+    """The base pipeline, once per process. The pipeline's own safety checker is detached:
+    the engine runs the configured check itself so it can report and black out per image."""
+    global BASE_LOADS
+    from diffusers import DiffusionPipeline
+
+    device, torch_dtype = pick_device_dtype(device, dtype)
+    pipe = DiffusionPipeline.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True)
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    BASE_LOADS += 1
+    # diffusers picks SDPA (AttnProcessor2_0) by default on torch 2; log it so a run shows it.
+    processors = {type(p).__name__ for p in pipe.unet.attn_processors.values()}
+    logger.info(
+        "base pipeline loaded",
+        extra={"path": str(path), "device": device, "dtype": str(torch_dtype), "attn": sorted(processors)},
+    )
+    return pipe
+
+
+def fetch_s3_prefix(s3, uri: str, dest: Path) -> Path:
+    """Copy a diffusers folder from s3://bucket/prefix/ to dest (base model from S3)."""
+    if not uri.startswith("s3://"):
+        raise ValueError("base model S3 location must start with s3://")
+    bucket, _, prefix = uri[5:].partition("/")
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    found = False
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(prefix) :]
+            if not rel or rel.endswith("/") or ".." in rel.split("/"):
+                continue
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, obj["Key"], str(target))
+            found = True
+    if not found:
+        raise FileNotFoundError("no objects under the base model S3 prefix")
+    return dest
+
+
+# --------------------------------------------------------------------------- engine
+class Engine:
+    def __init__(
+        self,
+        pipe,
+        cache: AdapterCache,
+        s3,
+        bucket: str,
+        *,
+        max_rank: int = 64,
+        safety: SafetyChecker | None = None,
+        identity=default_identity,
+        compile_unet: bool = False,
+    ):
+        self.pipe = pipe
+        self.cache = cache
+        self.s3 = s3
+        self.bucket = bucket
+        self.target_rank = max_rank
+        self.safety = safety or SafetyChecker(None)
+        self.identity = identity() if callable(identity) and identity is default_identity else identity
+        self.compile_unet = compile_unet
+        self.active: tuple[str, str] | None = None
+        self.slot_ready = False
+        self.te_loaded = False
+        self.switches = {"resident": 0, "load": 0, "hotswap": 0, "rebuild": 0}
+        self._lock = threading.Lock()  # one generation at a time per worker (and per pipeline)
+
+    @classmethod
+    def from_env(cls) -> Engine:
+        import boto3
+
+        bucket = os.environ["BUCKET_NAME"]
+        s3 = boto3.client("s3")
+        base = Path(os.environ.get("AVATARFLOW_BASE_MODEL", "/opt/ml/model"))
+        if os.environ.get("AVATARFLOW_BASE_MODEL_S3"):
+            base = fetch_s3_prefix(s3, os.environ["AVATARFLOW_BASE_MODEL_S3"], Path("/tmp/avatarflow-base"))  # noqa: S108
+        device, _ = pick_device_dtype()
+        pipe = load_base_pipeline(base, device)
+        env = os.environ.get
+        cache = AdapterCache(
+            s3,
+            bucket,
+            # One folder per worker process: workers never race on the same files.
+            Path(env("AVATARFLOW_ADAPTER_CACHE_DIR", "/tmp/avatarflow-adapters")) / str(os.getpid()),  # noqa: S108
+            max_memory_count=int(env("AVATARFLOW_CACHE_MEMORY_COUNT", "16")),
+            max_memory_bytes=int(env("AVATARFLOW_CACHE_MEMORY_BYTES", str(2 << 30))),
+            max_disk_count=int(env("AVATARFLOW_CACHE_DISK_COUNT", "256")),
+            max_disk_bytes=int(env("AVATARFLOW_CACHE_DISK_BYTES", str(20 << 30))),
+        )
+        return cls(
+            pipe,
+            cache,
+            s3,
+            bucket,
+            max_rank=int(env("AVATARFLOW_MAX_LORA_RANK", "64")),
+            safety=safety_from_env(base, device),
+            compile_unet=env("AVATARFLOW_COMPILE", "0") == "1",
+        )
+
+    # ------------------------------------------------------------------ adapters
+    def activate(self, adapter: Adapter) -> str:
+        """Make `adapter` the one in the pipeline. Returns how: resident (already there), load
+        (first adapter: creates the slot), hotswap (in-place copy), rebuild (new slot)."""
+        if self.active == adapter.key:
+            self.switches["resident"] += 1
+            return "resident"
+        self.active = None  # a failure below leaves no half-swapped adapter marked as active
+        mode = "hotswap" if self.slot_ready else "load"
+        if self.slot_ready and adapter.rank <= self.target_rank:
+            try:
+                self._load_unet(adapter, hotswap=True)
+            except (RuntimeError, ValueError) as err:
+                # Different target modules or LoRA options than the slot: rebuild it once.
+                logger.warning(
+                    "hotswap not possible, rebuilding the LoRA slot", extra={"reason": str(err)[:300]}
+                )
+                mode = "rebuild"
+        elif self.slot_ready:
+            mode = "rebuild"  # rank above the slot's padded rank
+        if mode != "hotswap":
+            self._rebuild(adapter)
+        self._load_text_encoders(adapter)
+        self.active = adapter.key
+        self.switches[mode] += 1
+        return mode
+
+    def _unet(self):
+        unet = self.pipe.unet
+        return getattr(unet, "_orig_mod", unet)
+
+    def _load_unet(self, adapter: Adapter, hotswap: bool) -> None:
+        state = adapter.state_dict if hotswap else {k: v.clone() for k, v in adapter.state_dict.items()}
+        # Cloned on a fresh load: the injected parameters must never alias the cached tensors,
+        # or the next in-place hotswap would overwrite this user's cached adapter.
+        type(self.pipe).load_lora_into_unet(
+            state,
+            network_alphas=adapter.network_alphas,
+            unet=self.pipe.unet,
+            adapter_name=UNET_SLOT,
+            _pipeline=self.pipe,
+            hotswap=hotswap,
+            metadata=adapter.metadata,
+        )
+
+    def _rebuild(self, adapter: Adapter) -> None:
+        """Fresh slot sized for this adapter. Never reloads the base weights; on a compiled
+        UNet it costs one recompile, which is why it only happens when hotswap cannot."""
+        if self.compile_unet and hasattr(self.pipe.unet, "_orig_mod"):
+            self.pipe.unet = self.pipe.unet._orig_mod
+        if getattr(self._unet(), "peft_config", None):
+            self.pipe.unload_lora_weights()
+        self.slot_ready = False
+        self.te_loaded = False
+        self.target_rank = max(self.target_rank, adapter.rank)
+        self.pipe.enable_lora_hotswap(target_rank=self.target_rank)
+        try:
+            self._load_unet(adapter, hotswap=False)
+        except (RuntimeError, ValueError, KeyError) as err:
+            if getattr(self._unet(), "peft_config", None):
+                self.pipe.unload_lora_weights()
+            raise AdapterInvalid(f"adapter does not fit the base model: {str(err)[:200]}") from err
+        self.slot_ready = True
+        if self.compile_unet:
+            import torch
+
+            self.pipe.unet = torch.compile(self.pipe.unet, mode="max-autotune-no-cudagraphs")
+
+    def _load_text_encoders(self, adapter: Adapter) -> None:
+        from diffusers.utils.peft_utils import delete_adapter_layers
+
+        names = [n for n in ("text_encoder", "text_encoder_2") if getattr(self.pipe, n, None) is not None]
+        if self.te_loaded:
+            for name in names:
+                if TE_SLOT in (getattr(getattr(self.pipe, name), "peft_config", None) or {}):
+                    delete_adapter_layers(getattr(self.pipe, name), TE_SLOT)
+            self.te_loaded = False
+        if not adapter.has_text_encoder:
+            return
+        for name in names:
+            part = {k: v.clone() for k, v in adapter.state_dict.items() if k.startswith(f"{name}.")}
+            if not part:
+                continue
+            type(self.pipe).load_lora_into_text_encoder(
+                part,
+                network_alphas=adapter.network_alphas,
+                text_encoder=getattr(self.pipe, name),
+                prefix=name,
+                adapter_name=TE_SLOT,
+                _pipeline=self.pipe,
+                metadata=adapter.metadata,
+            )
+            self.te_loaded = True
+
+    # ------------------------------------------------------------------ generation
+    def run(self, req: GenerationRequest) -> dict[str, Any]:
+        with self._lock:
+            return self._run(req)
+
+    def _run(self, req: GenerationRequest) -> dict[str, Any]:
+        import torch
+
+        t0 = time.perf_counter()
+        adapter, source, fetch_ms = self.cache.get(req.user_id, req.model_version)
+        t = time.perf_counter()
+        mode = self.activate(adapter)
+        load_ms = _ms(t)
+
+        prompt = prompt_with_token(req.prompt, adapter.token, adapter.subject_class)
+        negative = req.negative_prompt if req.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
+        seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        seeds = [seed + i for i in range(req.num_images)]
+        # CPU generators: the same seed gives the same starting noise on any device.
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = self.pipe(
+                prompt=prompt,
+                negative_prompt=negative,
+                num_inference_steps=req.steps,
+                guidance_scale=req.guidance_scale,
+                width=req.width,
+                height=req.height,
+                num_images_per_prompt=req.num_images,
+                generator=generators,
+                output_type="np",
+            )
+        arrays = (np.clip(out.images, 0.0, 1.0) * 255).round().astype(np.uint8)
+        generate_ms = _ms(t)
+
+        t = time.perf_counter()
+        images = [Image.fromarray(a) for a in arrays]
+        safety = self.safety(images)
+        for i, flagged in enumerate(safety.flags):
+            if flagged:  # black out, never publish a flagged image
+                images[i] = Image.new("RGB", images[i].size)
+        safety_ms = _ms(t)
+
+        t = time.perf_counter()
+        similarity = self._identity(images, adapter.reference_embedding, safety.flags)
+        identity_ms = _ms(t)
+
+        t = time.perf_counter()
+        prefix = keys.generation_prefix(req.user_id, req.generation_id)
+        entries = []
+        for i, image in enumerate(images):
+            key = f"{prefix}{i:03d}.png"
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=buf.getvalue(), ContentType="image/png")
+            entries.append(
+                {"key": key, "seed": seeds[i], "identity_similarity": similarity[i], "nsfw": safety.flags[i]}
+            )
+        result = {
+            "status": "COMPLETED",
+            "generation_id": req.generation_id,
+            "user_id": req.user_id,
+            "model_version": req.model_version,
+            "prompt": prompt,
+            "negative_prompt": negative,
+            "num_images": req.num_images,
+            "steps": req.steps,
+            "guidance_scale": req.guidance_scale,
+            "width": arrays.shape[2],
+            "height": arrays.shape[1],
+            "seed": seed,
+            "images": entries,
+            "safety_check": safety.status,
+            "nsfw_flagged": sum(1 for f in safety.flags if f),
+            "identity_check": self._identity_status(adapter),
+            "adapter": {"source": source, "switch": mode, "rank": adapter.rank},
+            "timings": {
+                "adapter_fetch_ms": fetch_ms,
+                "adapter_load_ms": load_ms,
+                "generate_ms": generate_ms,
+                "safety_ms": safety_ms,
+                "identity_ms": identity_ms,
+            },
+        }
+        result["timings"]["upload_ms"] = _ms(t)
+        result["timings"]["total_ms"] = _ms(t0)
+        self.s3.put_object(
+            Bucket=self.bucket,
+            Key=keys.result_key(req.user_id, req.generation_id),
+            Body=json.dumps(result).encode(),
+            ContentType="application/json",
+        )
+        logger.info(
+            "generation done",
+            extra={
+                "generation_id": req.generation_id,
+                "user_id": req.user_id,
+                "images": req.num_images,
+                "timings": result["timings"],
+                "adapter": result["adapter"],
+            },
+        )
+        return result
+
+    def _identity(self, images, reference: Sequence[float] | None, flags) -> list[float | None]:
+        if self.identity is None or reference is None:
+            return [None] * len(images)
+        embed, cosine = self.identity
+        scores: list[float | None] = []
+        for image, flagged in zip(images, flags, strict=True):
+            emb = None if flagged else embed(image)
+            scores.append(None if emb is None else round(float(cosine(emb, reference)), 6))
+        return scores
+
+    def _identity_status(self, adapter: Adapter) -> str:
+        if self.identity is None:
+            return "unavailable"
+        return "checked" if adapter.reference_embedding is not None else "no_reference"
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)

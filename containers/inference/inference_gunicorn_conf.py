@@ -1,0 +1,45 @@
+"""gunicorn settings for `serve`: one sync worker per GPU, one thread each, so every worker
+holds one pipeline on its own GPU and handles one request at a time. The app is not
+preloaded: each worker imports torch and loads the model after fork, on its own GPU."""
+
+import os
+import shutil
+import subprocess
+
+
+def _gpu_count() -> int:
+    # Count without importing torch in the arbiter: CUDA must not be initialised before fork.
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+GPUS = _gpu_count()
+bind = f"0.0.0.0:{os.environ.get('SAGEMAKER_BIND_TO_PORT', '8080')}"
+workers = int(os.environ.get("AVATARFLOW_WORKERS") or max(GPUS, 1))
+threads = 1
+worker_class = "sync"
+# Loading the base model and a 30-step batch of 8 both take far longer than gunicorn's 30 s.
+timeout = int(os.environ.get("AVATARFLOW_WORKER_TIMEOUT", "900"))
+graceful_timeout = 60
+keepalive = 5
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("AVATARFLOW_LOG_LEVEL", "info")
+wsgi_app = "inference_server:create_app()"
+
+
+def pre_fork(server, worker):
+    # Give the new worker the lowest GPU index no live worker holds (restarts reuse it).
+    taken = {getattr(w, "gpu", None) for w in server.WORKERS.values()}
+    worker.gpu = next(i for i in range(max(GPUS, 1) + len(taken) + 1) if i not in taken)
+
+
+def post_fork(server, worker):
+    if GPUS:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(worker.gpu % GPUS)
+    server.log.info("worker %s on GPU %s", worker.pid, os.environ.get("CUDA_VISIBLE_DEVICES", "none"))

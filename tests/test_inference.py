@@ -1,0 +1,481 @@
+"""Inference container on the tiny random SD model (CPU): the SageMaker contract, per-user
+adapters hot-swapped on one resident pipeline, validation, S3 outputs."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import boto3
+import inference_engine
+import numpy as np
+import pytest
+import torch
+from adapter_cache import AdapterCache
+from inference_engine import Engine, SafetyChecker, load_base_pipeline
+from inference_server import create_app
+from moto import mock_aws
+from PIL import Image
+
+from avatarflow import keys
+from avatarflow.tiny_model import build_tiny_pipeline
+
+BUCKET = "avatarflow-test"
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {"steps": 2, "guidance_scale": 5.0, "width": 64, "height": 64}
+
+
+def make_adapter(
+    base: Path, out: Path, *, seed: int, rank: int, alpha: float, text_encoder: bool = False
+) -> Path:
+    """A per-user DreamBooth-LoRA adapter as the training container saves it: peft LoRA on the
+    UNet attention projections with distinct random (non-zero B) weights, written with the
+    pipeline's save_lora_weights (+ alpha metadata)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights=False)
+    unet.add_adapter(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    kwargs = {
+        "unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        "unet_lora_adapter_metadata": config.to_dict(),
+    }
+    if text_encoder:
+        te = CLIPTextModel.from_pretrained(base / "text_encoder")
+        te_config = LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        )
+        te.add_adapter(te_config)
+        with torch.no_grad():
+            for name, param in te.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+        kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(te))
+        kwargs["text_encoder_lora_adapter_metadata"] = te_config.to_dict()
+    out.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(out, **kwargs)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny base model, adapters for users alice (r=4), bob (r=8) and carol (text encoder
+    LoRA too) published in moto S3, and one engine with the real server app."""
+    root = tmp_path_factory.mktemp("inference")
+    base = build_tiny_pipeline(root / "base", "sd", seed=0)
+    users = {
+        "alice": dict(seed=1, rank=4, alpha=8.0),
+        "bob": dict(seed=2, rank=8, alpha=8.0),
+        "carol": dict(seed=3, rank=4, alpha=4.0, text_encoder=True),
+    }
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket=BUCKET)
+        folders = {}
+        for i, (user, spec) in enumerate(users.items()):
+            folder = make_adapter(base, root / "adapters" / user, **spec)
+            folders[user] = folder
+            prefix = keys.model_prefix(user, "v1")
+            s3.upload_file(str(folder / keys.ADAPTER_WEIGHTS), BUCKET, prefix + keys.ADAPTER_WEIGHTS)
+            adapter_json = {
+                "base_model": "tiny-sd",
+                "rank": spec["rank"],
+                "token": "sks" if i else "zwx",
+                "subject_class": "person",
+                "reference_embedding": [1.0, 0.0, 0.5],
+            }
+            s3.put_object(Bucket=BUCKET, Key=prefix + keys.ADAPTER_CONFIG, Body=json.dumps(adapter_json))
+        pipe = load_base_pipeline(base, "cpu")
+        cache = AdapterCache(s3, BUCKET, root / "cache", max_memory_count=2, max_disk_count=3)
+        engine = Engine(pipe, cache, s3, BUCKET, max_rank=16)
+        yield {
+            "root": root,
+            "base": base,
+            "s3": s3,
+            "engine": engine,
+            "client": create_app(engine).test_client(),
+            "folders": folders,
+        }
+
+
+def request(gen_id: str, user: str = "alice", **extra) -> dict:
+    body = {
+        "generation_id": gen_id,
+        "user_id": user,
+        "model_version": "v1",
+        "prompt": "portrait of sks person",
+        "num_images": 2,
+        "seed": 7,
+        **SMALL,
+    }
+    body.update(extra)
+    return body
+
+
+def read_png(s3, key: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())))
+
+
+def images_of(s3, result: dict) -> np.ndarray:
+    return np.stack([read_png(s3, img["key"]) for img in result["images"]])
+
+
+def fresh_engine(world, name: str) -> Engine:
+    pipe = load_base_pipeline(world["base"], "cpu")
+    cache = AdapterCache(world["s3"], BUCKET, world["root"] / f"cache-{name}")
+    return Engine(pipe, cache, world["s3"], BUCKET, max_rank=16)
+
+
+def test_ping(world):
+    resp = world["client"].get("/ping")
+    assert resp.status_code == 200
+    assert resp.get_json() == {"status": "healthy"}
+
+
+def test_alternating_users_match_each_adapter_alone(world):
+    s3, engine, client = world["s3"], world["engine"], world["client"]
+    pipe_id, unet_id, loads = id(engine.pipe), id(engine.pipe.unet), inference_engine.BASE_LOADS
+    base_weight = engine.pipe.unet.conv_in.weight.detach().clone()
+
+    results = []
+    for i, user in enumerate(["alice", "bob", "alice", "bob"]):
+        resp = client.post("/invocations", data=json.dumps(request(f"alt{i}", user)))
+        assert resp.status_code == 200, resp.get_json()
+        results.append(resp.get_json())
+    got = [images_of(s3, r) for r in results]
+
+    # The base pipeline was never reloaded, replaced or modified by the switches.
+    assert loads == inference_engine.BASE_LOADS
+    assert (id(engine.pipe), id(engine.pipe.unet)) == (pipe_id, unet_id)
+    assert torch.equal(engine.pipe.unet.conv_in.weight, base_weight)
+    assert [r["adapter"]["switch"] for r in results] == ["load", "hotswap", "hotswap", "hotswap"]
+
+    # Each user alone, in a fresh pipeline: exactly the same pixels (no adapter bleed).
+    for user, mine in (("alice", [got[0], got[2]]), ("bob", [got[1], got[3]])):
+        alone = fresh_engine(world, user).run(
+            inference_engine.GenerationRequest(**request(f"alone-{user}", user))
+        )
+        expected = images_of(s3, alone)
+        for arr in mine:
+            np.testing.assert_array_equal(arr, expected)
+    assert not np.array_equal(got[0], got[1])  # the adapters really differ
+
+    # And the hot-swapped slot computes what plain diffusers load_lora_weights computes.
+    from diffusers import StableDiffusionPipeline
+
+    for user, arr, res in (("alice", got[0], results[0]), ("bob", got[1], results[1])):
+        plain = StableDiffusionPipeline.from_pretrained(world["base"], safety_checker=None)
+        plain.set_progress_bar_config(disable=True)
+        plain.load_lora_weights(world["folders"][user])
+        out = plain(
+            prompt=res["prompt"],
+            negative_prompt=res["negative_prompt"],
+            num_inference_steps=2,
+            guidance_scale=5.0,
+            width=64,
+            height=64,
+            num_images_per_prompt=2,
+            generator=[torch.Generator().manual_seed(s) for s in (7, 8)],
+            output_type="np",
+        ).images
+        reference = (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+        assert np.abs(reference.astype(int) - arr.astype(int)).max() <= 1
+
+
+def test_result_json_images_seeds_timings(world):
+    s3, client = world["s3"], world["client"]
+    resp = client.post(
+        "/invocations", data=json.dumps(request("res1", "bob", prompt="an astronaut", seed=100, num_images=3))
+    )
+    assert resp.status_code == 200
+    result = resp.get_json()
+    stored = json.loads(s3.get_object(Bucket=BUCKET, Key=keys.result_key("bob", "res1"))["Body"].read())
+    assert stored == result
+    assert result["prompt"] == "photo of sks person, an astronaut"  # token added when missing
+    assert [img["key"] for img in result["images"]] == [f"generations/bob/res1/{i:03d}.png" for i in range(3)]
+    assert [img["seed"] for img in result["images"]] == [100, 101, 102]
+    # Random tiny-model pixels hold no face: SFace similarity is null, but it was checked.
+    assert result["identity_check"] == "checked"
+    assert [img["identity_similarity"] for img in result["images"]] == [None, None, None]
+    assert result["safety_check"] == "not_configured"
+    assert all(img["nsfw"] is None for img in result["images"])
+    timings = result["timings"]
+    for name in ("adapter_fetch_ms", "adapter_load_ms", "generate_ms", "upload_ms", "total_ms"):
+        assert timings[name] >= 0
+    assert timings["total_ms"] >= timings["generate_ms"] > 0
+    for img in result["images"]:
+        assert read_png(s3, img["key"]).shape == (64, 64, 3)
+    # The user's own token (alice: "zwx") is the one added.
+    alice = client.post(
+        "/invocations",
+        data=json.dumps(request("res2", "alice", prompt="in the style of a painting", num_images=1)),
+    ).get_json()
+    assert alice["prompt"] == "photo of zwx person, in the style of a painting"
+
+
+def test_identity_similarity_uses_reference_embedding(world):
+    engine, client = world["engine"], world["client"]
+    real = engine.identity
+    # Stand-in embedder (the real one finds no face in random pixels); cosine is the intake one.
+    from avatarflow.faces import cosine_similarity
+
+    engine.identity = (
+        lambda image: [1.0, 0.0, 0.5] if image.getpixel((0, 0)) != (0, 0, 0) else None,
+        cosine_similarity,
+    )
+    try:
+        result = client.post("/invocations", data=json.dumps(request("ident", "bob"))).get_json()
+    finally:
+        engine.identity = real
+    assert [img["identity_similarity"] for img in result["images"]] == [pytest.approx(1.0)] * 2
+
+
+def test_safety_check_blacks_out_flagged_images(world):
+    engine, client, s3 = world["engine"], world["client"], world["s3"]
+    real = engine.safety
+    engine.safety = SafetyChecker(lambda images: [i == 1 for i in range(len(images))])
+    try:
+        result = client.post("/invocations", data=json.dumps(request("safe1", "alice"))).get_json()
+    finally:
+        engine.safety = real
+    assert result["safety_check"] == "checked"
+    assert [img["nsfw"] for img in result["images"]] == [False, True]
+    assert result["nsfw_flagged"] == 1
+    assert read_png(s3, result["images"][1]["key"]).max() == 0
+    assert read_png(s3, result["images"][0]["key"]).max() > 0
+
+
+def test_diffusers_safety_checker_from_folder(tmp_path):
+    """The configured-model path: diffusers' StableDiffusionSafetyChecker loaded from a folder
+    (tiny random CLIP here), with concept thresholds forced so every image is flagged."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    cfg = CLIPConfig(
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 1,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 1,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=768,
+    )
+    checker = StableDiffusionSafetyChecker(cfg)
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-10.0)  # every cosine beats the threshold
+    checker.save_pretrained(tmp_path / "safety_checker")
+    CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32}).save_pretrained(
+        tmp_path / "feature_extractor"
+    )
+    check = inference_engine.diffusers_safety_check(tmp_path)
+    images = [Image.new("RGB", (64, 64), (200, 10, 10)), Image.new("RGB", (64, 64), (0, 90, 200))]
+    assert SafetyChecker(check)(images).flags == [True, True]
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(10.0)  # nothing reaches the threshold
+    checker.save_pretrained(tmp_path / "safety_checker")
+    assert SafetyChecker(inference_engine.diffusers_safety_check(tmp_path))(images).flags == [False, False]
+
+
+def test_text_encoder_adapter_is_loaded_and_removed(world):
+    """carol's adapter carries text-encoder LoRA (not hot-swappable in diffusers): it is loaded
+    for her and removed for the next user, whose images stay exactly his own."""
+    s3, client = world["s3"], world["client"]
+    bob_before = images_of(s3, client.post("/invocations", data=json.dumps(request("te0", "bob"))).get_json())
+    carol = client.post("/invocations", data=json.dumps(request("te1", "carol")))
+    assert carol.status_code == 200, carol.get_json()
+    assert "user_te" in world["engine"].pipe.text_encoder.peft_config
+    bob_after = images_of(s3, client.post("/invocations", data=json.dumps(request("te2", "bob"))).get_json())
+    np.testing.assert_array_equal(bob_before, bob_after)
+    assert "user_te" not in getattr(world["engine"].pipe.text_encoder, "peft_config", {})
+    alone = fresh_engine(world, "carol").run(
+        inference_engine.GenerationRequest(**request("te-alone", "carol"))
+    )
+    np.testing.assert_array_equal(images_of(s3, carol.get_json()), images_of(s3, alone))
+
+
+def test_unknown_user_or_version_is_a_clear_error_and_server_keeps_serving(world):
+    client = world["client"]
+    for user, version in (("nobody", "v1"), ("alice", "v9")):
+        resp = client.post("/invocations", data=json.dumps(request("missing", user, model_version=version)))
+        assert resp.status_code == 404
+        body = resp.get_json()
+        assert body["error"] == "model_not_found"
+        assert (body["user_id"], body["model_version"]) == (user, version)
+    assert world["s3"].list_objects_v2(Bucket=BUCKET, Prefix="generations/nobody/").get("KeyCount") == 0
+    assert (
+        client.post("/invocations", data=json.dumps(request("after", "alice", num_images=1))).status_code
+        == 200
+    )
+
+
+def test_broken_adapter_is_a_clear_error(world):
+    s3, client = world["s3"], world["client"]
+    prefix = keys.model_prefix("mallory", "v1")
+    s3.put_object(Bucket=BUCKET, Key=prefix + keys.ADAPTER_WEIGHTS, Body=b"not safetensors")
+    s3.put_object(Bucket=BUCKET, Key=prefix + keys.ADAPTER_CONFIG, Body=b"{}")
+    resp = client.post("/invocations", data=json.dumps(request("broken", "mallory")))
+    assert resp.status_code == 422
+    assert resp.get_json()["error"] == "model_invalid"
+    assert "cannot be read" in resp.get_json()["message"]
+    assert (
+        client.post("/invocations", data=json.dumps(request("after2", "bob", num_images=1))).status_code
+        == 200
+    )
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"num_images": 9}, "num_images"),
+        ({"num_images": 0}, "num_images"),
+        ({"steps": 81}, "steps"),
+        ({"guidance_scale": 20.5}, "guidance_scale"),
+        ({"width": 1032}, "width"),
+        ({"height": 60}, "height"),
+        ({"width": 100}, "width"),
+        ({"prompt": "x" * 501}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"seed": -1}, "seed"),
+        ({"steps": "5"}, "steps"),
+        ({"user_id": "../etc"}, "user_id"),
+        ({"generation_id": "a/b"}, "generation_id"),
+    ],
+)
+def test_out_of_range_fields_are_400_with_reasons(world, patch, field):
+    resp = world["client"].post("/invocations", data=json.dumps(request("bad", **patch)))
+    assert resp.status_code == 400
+    body = resp.get_json()
+    assert body["error"] == "invalid_request"
+    assert list(body["fields"]) == [field]
+    assert body["fields"][field]
+
+
+def test_malformed_json_and_missing_fields_are_400(world):
+    client = world["client"]
+    for raw in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+        resp = client.post("/invocations", data=raw)
+        assert resp.status_code == 400
+        assert resp.get_json()["error"] == "invalid_request"
+        assert "body" in resp.get_json()["fields"]
+    resp = client.post("/invocations", data=json.dumps({"prompt": "hi"}))
+    assert resp.status_code == 400
+    assert set(resp.get_json()["fields"]) == {"generation_id", "user_id", "model_version"}
+
+
+def test_defaults_fill_negative_prompt_steps_guidance_and_random_seed(world):
+    body = {
+        "generation_id": "defaults",
+        "user_id": "bob",
+        "model_version": "v1",
+        "prompt": "sks person smiling",
+        "width": 64,
+        "height": 64,
+        "steps": 1,
+    }
+    result = world["client"].post("/invocations", data=json.dumps(body)).get_json()
+    assert result["negative_prompt"] == inference_engine.DEFAULT_NEGATIVE_PROMPT
+    assert result["guidance_scale"] == inference_engine.DEFAULT_GUIDANCE
+    assert result["num_images"] == 1
+    assert result["prompt"] == "sks person smiling"  # token already present
+    assert isinstance(result["seed"], int) and result["images"][0]["seed"] == result["seed"]
+    req = inference_engine.parse_request(json.dumps({k: v for k, v in body.items() if k != "steps"}))
+    assert req.steps == inference_engine.DEFAULT_STEPS
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_real_gunicorn_server_serves_ping_and_errors(world, tmp_path):
+    """The production server as `serve` starts it (gunicorn, config file), on a free port,
+    against a moto S3 server: /ping, a 400, a 404 and a real generation."""
+    from moto.server import ThreadedMotoServer
+
+    moto_port, port = _free_port(), _free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port)
+    moto.start()
+    proc = None
+    try:
+        endpoint = f"http://127.0.0.1:{moto_port}"
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        s3.create_bucket(Bucket=BUCKET)
+        prefix = keys.model_prefix("alice", "v1")
+        s3.upload_file(
+            str(world["folders"]["alice"] / keys.ADAPTER_WEIGHTS), BUCKET, prefix + keys.ADAPTER_WEIGHTS
+        )
+        s3.put_object(Bucket=BUCKET, Key=prefix + keys.ADAPTER_CONFIG, Body=b'{"token": "sks"}')
+        env = {
+            **__import__("os").environ,
+            "BUCKET_NAME": BUCKET,
+            "AWS_ENDPOINT_URL": endpoint,
+            "AVATARFLOW_BASE_MODEL": str(world["base"]),
+            "SAGEMAKER_BIND_TO_PORT": str(port),
+            "AVATARFLOW_ADAPTER_CACHE_DIR": str(tmp_path / "cache"),
+            "AVATARFLOW_LOG_LEVEL": "warning",
+            "PYTHONPATH": str(REPO / "src"),
+            "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        }
+        proc = subprocess.Popen(
+            [str(REPO / "containers/inference/serve")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/ping", timeout=2) as resp:
+                    assert resp.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+                assert time.time() < deadline, "server did not start"
+                time.sleep(0.3)
+
+        def post(body: bytes) -> tuple[int, dict]:
+            req = urllib.request.Request(
+                base + "/invocations", data=body, method="POST", headers={"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    return resp.status, json.loads(resp.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read())
+
+        assert post(b"{oops")[0] == 400
+        assert post(json.dumps(request("srv0", "ghost")).encode())[0] == 404
+        status, result = post(json.dumps(request("srv1", "alice", num_images=1)).encode())
+        assert status == 200, result
+        assert s3.head_object(Bucket=BUCKET, Key="generations/alice/srv1/000.png")["ContentLength"] > 0
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        moto.stop()

@@ -70,11 +70,13 @@ def main() -> None:
 
     per_stage = {s: [] for s in STAGES}
     totals, walls, verdicts, full = [], [], [], []
+    best = {label: float("inf") for label, _ in photos}
     for _ in range(args.repeats):
         for label, data in photos:
             t0 = time.perf_counter()
             result = faces.analyze_photo(data)
             walls.append((time.perf_counter() - t0) * 1000)
+            best[label] = min(best[label], walls[-1])
             verdicts.append((label, result.verdict))
             for stage in STAGES:
                 per_stage[stage].append(result.timings_ms.get(stage, 0.0))
@@ -84,6 +86,8 @@ def main() -> None:
     sizes = [len(d) / 1e6 for _, d in photos]
     rows = [(s, statistics.median(per_stage[s]), statistics.mean(per_stage[s])) for s in STAGES]
     wall_median = statistics.median(walls)
+    best_median = statistics.median(best.values())
+    load = os.getloadavg()[0]
     wall_p95 = sorted(walls)[int(0.95 * (len(walls) - 1))]
     lines = [
         HEADING,
@@ -102,8 +106,13 @@ def main() -> None:
         *[f"| {s} | {med:.1f} | {mean:.1f} |" for s, med, mean in rows],
         f"| **full gate (wall, per photo)** | **{wall_median:.1f}** | {statistics.mean(walls):.1f} |",
         "",
-        f"- p95 of the full gate: {wall_p95:.1f} ms; target <= {TARGET_MS:.0f} ms per 12 MP photo: "
-        f"{'met' if wall_median <= TARGET_MS else 'NOT met'} (median).",
+        f"- p95 of the full gate: {wall_p95:.1f} ms. Best of the {args.repeats} passes per photo (least "
+        f"disturbed by other jobs), median over photos: {best_median:.1f} ms "
+        f"(per photo: {', '.join(f'{v:.0f}' for v in best.values())} ms).",
+        f"- Target <= {TARGET_MS:.0f} ms per 12 MP photo: "
+        f"{'met' if wall_median <= TARGET_MS else 'NOT met'} by the median of all runs.",
+        f"- Machine: 2 vCPUs shared with other jobs, 1-minute load average {load:.2f} at the end of the run; "
+        "numbers move by +-20% or more between runs under load.",
         f"- For comparison, a plain full-resolution decode + `exif_transpose` of the same files takes "
         f"{statistics.median(full):.1f} ms median: JPEG `draft()` (decode at 1/4 DCT scale for detection, "
         "then at the smallest scale that still gives a 512 px crop) is what keeps the gate in budget.",
@@ -113,7 +122,6 @@ def main() -> None:
         "detect = YuNet; checks = face count/size, sharpness, brightness, image hash; "
         "crop = second reduced-scale decode when the 1/4 scale is too coarse for a 512 px crop (hence mean > "
         "median) + Lanczos resize; embed = SFace alignment + forward.",
-        "- Measured on a 2-core VM shared with other jobs: treat single numbers as +-20%.",
         "",
     ]
     section = "\n".join(lines)

@@ -268,3 +268,20 @@ def test_mean_embedding_is_normalized_and_close_to_members(person_batch):
     assert abs(np.linalg.norm(mean) - 1) < 1e-5
     assert min(F.cosine_similarity(mean, c.embedding) for c in person_batch) > 0.9
     assert F.mean_embedding([]) is None
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 2), (2, 5000), (5000, 3)])
+def test_degenerate_sizes_never_crash(size):
+    noise = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(noise)
+    for fmt in ("PNG", "JPEG"):
+        assert verdict(S.encode(image, fmt)).verdict == "no_face"
+    assert F.embed_face(image) is None
+
+
+def test_cmyk_palette_and_16_bit_inputs_pass():
+    grace = S.photo("grace_hopper")
+    assert verdict(S.encode(grace.convert("CMYK"), "JPEG")).verdict == "ok"
+    assert verdict(S.encode(grace.convert("P"), "PNG")).verdict == "ok"
+    sixteen = Image.fromarray(np.asarray(grace.convert("L"), dtype=np.uint16) * 256)
+    assert verdict(S.encode(sixteen, "PNG")).verdict == "ok"

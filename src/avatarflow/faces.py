@@ -140,7 +140,7 @@ def _decode(data: bytes, settings: IntakeSettings, target: int | None) -> tuple[
                 image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
             # load() always: verify() passes a JPEG that is cut in half.
             image.load()
-            orientation = image.getexif().get(0x0112, 1)
+            stored = image.size
             image = ImageOps.exif_transpose(image)
             if image.mode != "RGB":
                 image = _to_rgb(image)
@@ -152,8 +152,9 @@ def _decode(data: bytes, settings: IntakeSettings, target: int | None) -> tuple[
         raise PhotoRejected("not_an_image", "unidentified") from err
     except Exception as err:  # noqa: BLE001 - Pillow decoders raise OSError, ValueError, SyntaxError, struct.error...
         raise PhotoRejected("not_an_image", f"{type(err).__name__}: {err}") from err
-    full = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-    return image, full
+    # Orientations 5-8 swap the axes; compare the sizes rather than trusting the tag's value.
+    swapped = stored[0] != stored[1] and image.size == stored[::-1]
+    return image, ((height, width) if swapped else (width, height))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -12,6 +12,7 @@ An adapter evicted from both tiers is simply fetched again. One cache per worker
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -232,6 +233,8 @@ class AdapterCache:
                 break
             self.disk.pop(key)
             shutil.rmtree(self._folder(key), ignore_errors=True)
+            with contextlib.suppress(OSError):  # the user's folder, once it holds no version
+                self._folder(key).parent.rmdir()
             self.stats.disk_evictions += 1
 
 

@@ -239,7 +239,7 @@ def test_create_generation_writes_request_row_and_invokes(api):
         "user_id": "alice",
         "model_version": "v2",
         "prompt": GOOD_BODY["prompt"],
-        "negative_prompt": "",
+        "negative_prompt": None,
         "num_images": 2,
         "steps": 30,
         "guidance_scale": 7.5,
@@ -253,6 +253,19 @@ def test_create_generation_writes_request_row_and_invokes(api):
     assert row["request_key"] == "requests/gen0000.json"
     assert row["output_location"] == f"s3://{BUCKET}/async-output/abc.out"
     assert row["ttl"] > 0
+
+
+def test_request_document_parses_in_the_inference_container(api):
+    """The contract between the two sides: what the API writes, the container accepts."""
+    inference_engine = pytest.importorskip("inference_engine")
+    put_model("alice", "v1", "READY")
+    for i, body in enumerate([GOOD_BODY, {"prompt": "sks person", "seed": 2**32 - 9, "negative_prompt": ""}]):
+        expect_invoke(api, f"gen{i:04d}")
+        assert api("POST", "/users/alice/generations", body=body)["statusCode"] == 202
+        raw = boto3.client("s3").get_object(Bucket=BUCKET, Key=f"requests/gen{i:04d}.json")["Body"].read()
+        parsed = inference_engine.parse_request(raw)
+        assert (parsed.generation_id, parsed.user_id, parsed.model_version) == (f"gen{i:04d}", "alice", "v1")
+        assert parsed.seed == body["seed"]
 
 
 def test_create_generation_with_explicit_version(api):
@@ -279,6 +292,7 @@ def test_create_generation_with_explicit_version(api):
         ({"height": 64}, "body.height"),
         ({"width": 2048}, "body.width"),
         ({"seed": -1}, "body.seed"),
+        ({"seed": 2**32 - 1}, "body.seed"),
         ({"model_version": "../v1"}, "body.model_version"),
         ({"colour": "blue"}, "body.colour"),
     ],

@@ -121,13 +121,15 @@ class GenerationBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: Prompt = Field(description="What to draw; the model's token is added by the endpoint.")
-    negative_prompt: NegativePrompt = ""
+    # None lets the endpoint apply its default negative prompt; "" really means none.
+    negative_prompt: NegativePrompt | None = None
     num_images: int = Field(4, ge=1, le=8, strict=True)
     steps: int = Field(30, ge=1, le=80, strict=True)
     guidance_scale: float = Field(7.5, ge=0, le=20, allow_inf_nan=False)
     width: int = Field(DEFAULT_IMAGE_SIZE, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE, multiple_of=8, strict=True)
     height: int = Field(DEFAULT_IMAGE_SIZE, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE, multiple_of=8, strict=True)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1, strict=True)
+    # The endpoint seeds image i with seed + i, and each must stay a 32-bit seed.
+    seed: int | None = Field(None, ge=0, le=2**32 - 1 - 8, strict=True)
     model_version: IdStr | None = Field(None, description="Default: the newest READY model.")
 
     @field_validator("prompt")

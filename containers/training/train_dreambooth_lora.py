@@ -500,6 +500,8 @@ def save_checkpoint(paths: Paths, step: int, models, optimizer, scaler, losses, 
 
 
 def latest_checkpoint(paths: Paths) -> Path | None:
+    for stale in paths.checkpoints.glob(".checkpoint-*.tmp"):  # a kill mid-save leaves these
+        shutil.rmtree(stale, ignore_errors=True)
     found = [
         (int(p.name.split("-")[1]), p)
         for p in paths.checkpoints.glob("checkpoint-*")
@@ -575,6 +577,9 @@ def train(paths: Paths, hp: Hyperparameters, log=print) -> dict:
     if hp.mixed_precision == "fp16" and device.type != "cuda":
         raise TrainingError("mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[hp.mixed_precision]
+    if device.type == "cuda":  # TF32 for whatever still runs in fp32 (Ampere and newer)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     images, reference_embedding = load_dataset(paths, hp.resolution)
     if not paths.base_model.is_dir():

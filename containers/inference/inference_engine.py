@@ -31,6 +31,8 @@ from avatarflow import keys
 from avatarflow.ids import ID_PATTERN
 
 logger = Logger(service="avatarflow-inference")
+# One worker per GPU already saturates it; tokenizer threads would only fight over CPUs.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 UNET_SLOT = "user"  # the one UNet adapter name every user is hot-swapped into
 TE_SLOT = "user_te"  # text-encoder LoRA (not hot-swappable in diffusers 0.42): load/delete
@@ -364,7 +366,9 @@ class Engine:
         if self.compile_unet:
             import torch
 
-            self.pipe.unet = torch.compile(self.pipe.unet, mode="max-autotune-no-cudagraphs")
+            self.pipe.unet = torch.compile(
+                self.pipe.unet, mode=os.environ.get("AVATARFLOW_COMPILE_MODE") or None
+            )
 
     def _load_text_encoders(self, adapter: Adapter) -> None:
         from diffusers.utils.peft_utils import delete_adapter_layers

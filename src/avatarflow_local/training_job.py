@@ -1,0 +1,160 @@
+"""A local stand-in for the `arn:aws:states:::sagemaker:createTrainingJob.sync` task.
+
+The state machine's Train state sends CreateTrainingJob parameters; in the cloud Step
+Functions creates the job and waits for it. Locally (tests, the local runtime) the task's
+Resource is substituted with the ARN of a Lambda that the lambda hook maps to `handler`
+here, which does what SageMaker would:
+
+  1. lays out a fresh /opt/ml (input/config/hyperparameters.json, input/data/<channel>/
+     downloaded from each channel's S3 prefix, model/, output/, checkpoints/);
+  2. runs the training entrypoint (containers/training/train) as a subprocess with
+     AVATARFLOW_OPT_ML pointing there, bounded by StoppingCondition.MaxRuntimeInSeconds;
+  3. tars model/ to <S3OutputPath><job>/output/model.tar.gz;
+  4. returns a DescribeTrainingJob-shaped result, or raises TrainingJobFailed with the
+     job's output/failure text (the .sync task fails the same way on AWS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlparse
+
+import boto3
+
+from avatarflow_local.functions import REPO_ROOT
+
+FUNCTION_NAME = "avatarflow-local-training-job"
+ENTRYPOINT_ENV = "AVATARFLOW_TRAINING_ENTRYPOINT"
+DEFAULT_ENTRYPOINT = REPO_ROOT / "containers" / "training" / "train"
+
+# Every job this process ran, in order: {"name", "status", "hyperparameters", "inputs"}.
+JOBS: list[dict] = []
+_jobs_lock = threading.Lock()
+
+
+class TrainingJobFailed(Exception):
+    """The training job ended in Failed (the message is its FailureReason)."""
+
+
+class InvalidTrainingJobRequest(ValueError):
+    """CreateTrainingJob parameters SageMaker would reject."""
+
+
+def _s3_uri(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri or "")
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise InvalidTrainingJobRequest(f"not an s3:// URI: {uri!r}")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def _download_prefix(s3, uri: str, target: Path) -> int:
+    bucket, prefix = _s3_uri(uri)
+    count = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(prefix):].lstrip("/")
+            if not rel or rel.endswith("/") or ".." in rel.split("/"):
+                continue
+            dest = target / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, obj["Key"], str(dest))
+            count += 1
+    return count
+
+
+def entrypoint() -> Path:
+    return Path(os.environ.get(ENTRYPOINT_ENV, DEFAULT_ENTRYPOINT))
+
+
+def run_training_job(request: dict, s3=None) -> dict:
+    name = request.get("TrainingJobName") or ""
+    if not name or len(name) > 63:
+        raise InvalidTrainingJobRequest("TrainingJobName must be 1-63 characters")
+    hyperparameters = request.get("HyperParameters") or {}
+    if not all(isinstance(v, str) for v in hyperparameters.values()):
+        raise InvalidTrainingJobRequest("HyperParameters values must be strings")
+    s3 = s3 or boto3.client("s3")
+    output_bucket, output_prefix = _s3_uri(request["OutputDataConfig"]["S3OutputPath"])
+    max_runtime = int(request.get("StoppingCondition", {}).get("MaxRuntimeInSeconds", 86400))
+    started = datetime.now(UTC)
+    record = {"name": name, "status": "InProgress", "hyperparameters": dict(hyperparameters), "inputs": {}}
+    with _jobs_lock:
+        JOBS.append(record)
+
+    with tempfile.TemporaryDirectory(prefix=f"{name}-") as tmp:
+        root = Path(tmp)
+        config = root / "input" / "config"
+        config.mkdir(parents=True)
+        (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+        (config / "inputdataconfig.json").write_text(json.dumps(
+            {c["ChannelName"]: {"TrainingInputMode": "File"} for c in request.get("InputDataConfig", [])}))
+        for sub in ("model", "output", "checkpoints"):
+            (root / sub).mkdir()
+        env = dict(os.environ, AVATARFLOW_OPT_ML=str(root), SM_MODEL_DIR=str(root / "model"),
+                   SM_OUTPUT_DATA_DIR=str(root / "output" / "data"), TRAINING_JOB_NAME=name)
+        for channel in request.get("InputDataConfig", []):
+            cname = channel["ChannelName"]
+            folder = root / "input" / "data" / cname
+            folder.mkdir(parents=True)
+            uri = channel["DataSource"]["S3DataSource"]["S3Uri"]
+            record["inputs"][cname] = _download_prefix(s3, uri, folder)
+            env[f"SM_CHANNEL_{cname.upper()}"] = str(folder)
+
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run([sys.executable, str(entrypoint())], env=env, capture_output=True,
+                                  text=True, timeout=max_runtime, check=False)
+            code, tail = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
+        except subprocess.TimeoutExpired:
+            code, tail = -1, "MaxRuntimeInSeconds exceeded"
+            (root / "output" / "failure").write_text("Training job reached the stopping condition")
+        seconds = max(1, round(time.monotonic() - t0))
+        if code != 0:
+            failure = root / "output" / "failure"
+            reason = failure.read_text().strip() if failure.is_file() else f"exit code {code}: {tail[-500:]}"
+            record["status"] = "Failed"
+            raise TrainingJobFailed(f"Training job {name} failed: {reason}")
+
+        archive = root / "model.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            for item in sorted((root / "model").iterdir()):
+                tar.add(item, arcname=item.name)
+        key = f"{output_prefix.rstrip('/')}/{name}/output/model.tar.gz".lstrip("/")
+        s3.upload_file(str(archive), output_bucket, key)
+
+    record["status"] = "Completed"
+    ended = datetime.now(UTC)
+    return {
+        "TrainingJobName": name,
+        "TrainingJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:training-job/{name}",
+        "TrainingJobStatus": "Completed",
+        "SecondaryStatus": "Completed",
+        "ModelArtifacts": {"S3ModelArtifacts": f"s3://{output_bucket}/{key}"},
+        "HyperParameters": hyperparameters,
+        "AlgorithmSpecification": request.get("AlgorithmSpecification"),
+        "RoleArn": request.get("RoleArn"),
+        "InputDataConfig": request.get("InputDataConfig"),
+        "OutputDataConfig": request.get("OutputDataConfig"),
+        "ResourceConfig": request.get("ResourceConfig"),
+        "StoppingCondition": request.get("StoppingCondition"),
+        "EnableManagedSpotTraining": request.get("EnableManagedSpotTraining", False),
+        "CreationTime": started.isoformat(),
+        "TrainingStartTime": started.isoformat(),
+        "TrainingEndTime": ended.isoformat(),
+        "TrainingTimeInSeconds": seconds,
+        "BillableTimeInSeconds": seconds,
+    }
+
+
+def handler(event: dict, context=None) -> dict:
+    """Lambda-shaped entry point for the lambda hook."""
+    return run_training_job(event)

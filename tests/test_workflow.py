@@ -1,0 +1,250 @@
+"""The real statemachines/train_avatar.asl.json, executed by moto's ASL interpreter, with the
+real Lambda handlers run in process (lambda hook) and the local createTrainingJob.sync
+stand-in running the training container's entrypoint on a tiny model.
+
+Each scenario asserts what a user and an operator would see: S3 objects, registry rows and
+the SNS messages (delivered to an SQS queue subscribed to the topic)."""
+
+import io
+import json
+import tarfile
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from avatarflow import keys
+from avatarflow.sample_photos import one_person_batch, photo_bytes, random_bytes
+from avatarflow.tiny_model import build_tiny_pipeline
+from avatarflow.workflow import execution_name
+from avatarflow_local import training_job
+from avatarflow_local.lambda_hook import LambdaHook
+from avatarflow_local.workflow_stack import create_training_stack
+
+USER = "ada"
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_ENTRYPOINT = REPO / "containers" / "training" / "train"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-sd")
+
+
+@pytest.fixture
+def aws(monkeypatch, tiny_model):
+    with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
+        stack = create_training_stack()
+        monkeypatch.setenv("BUCKET_NAME", stack.bucket)
+        monkeypatch.setenv("MODELS_TABLE", stack.table)
+        monkeypatch.setenv("TOPIC_ARN", stack.topic_arn)
+        monkeypatch.setenv("STATE_MACHINE_ARN", stack.state_machine_arn)
+        hook = LambdaHook().install()
+        s3 = boto3.client("s3")
+        for path in Path(tiny_model).rglob("*"):
+            if path.is_file():
+                key = f"base-models/tiny-sd/{path.relative_to(tiny_model)}"
+                s3.upload_file(str(path), stack.bucket, key)
+        sqs = boto3.client("sqs")
+        queue = sqs.create_queue(QueueName="inbox")["QueueUrl"]
+        attrs = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]
+        queue_arn = attrs["QueueArn"]
+        boto3.client("sns").subscribe(TopicArn=stack.topic_arn, Protocol="sqs", Endpoint=queue_arn,
+                                      Attributes={"RawMessageDelivery": "true"})
+        jobs_before = len(training_job.JOBS)
+        yield {"stack": stack, "hook": hook, "s3": s3, "sqs": sqs, "inbox": queue,
+               "sfn": boto3.client("stepfunctions"), "table": boto3.resource("dynamodb").Table(stack.table),
+               "jobs": lambda: training_job.JOBS[jobs_before:]}
+        hook.uninstall()
+
+
+def upload(aws, batch, files):
+    for name, data in files:
+        aws["s3"].put_object(Bucket=aws["stack"].bucket, Key=f"uploads/{USER}/{batch}/{name}", Body=data)
+
+
+def s3_event(aws, batch, names):
+    """The SQS message S3 sends for these uploads (keys URL-encoded, as S3 does)."""
+    records = [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": aws["stack"].bucket},
+                "object": {"key": f"uploads/{USER}/{batch}/{n}".replace(" ", "+")}}} for n in names]
+    body = json.dumps({"Records": records})
+    return {"messageId": f"m-{batch}-{names[0]}", "receiptHandle": "r", "body": body,
+            "attributes": {}, "messageAttributes": {}, "md5OfBody": "", "eventSource": "aws:sqs",
+            "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:uploads", "awsRegion": "us-east-1"}
+
+
+def deliver(aws, handler_of, lambda_context, *messages):
+    result = handler_of("on_upload")({"Records": list(messages)}, lambda_context)
+    assert result == {"batchItemFailures": []}
+
+
+def wait_done(aws, arn, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        desc = aws["sfn"].describe_execution(executionArn=arn)
+        if desc["status"] != "RUNNING":
+            return desc
+        time.sleep(0.2)
+    raise AssertionError("execution still running")
+
+
+def failure_of(aws, arn):
+    """The error a failed execution caught (what RecordFailure wrote), for assertion messages."""
+    failed = [e for e in history(aws, arn) if e["type"] in ("TaskFailed", "LambdaFunctionFailed")]
+    return [e.get("taskFailedEventDetails") or e.get("lambdaFunctionFailedEventDetails") for e in failed]
+
+
+def history(aws, arn):
+    return aws["sfn"].get_execution_history(executionArn=arn, maxResults=1000)["events"]
+
+
+def executions(aws):
+    return aws["sfn"].list_executions(stateMachineArn=aws["stack"].state_machine_arn)["executions"]
+
+
+def messages(aws):
+    got = aws["sqs"].receive_message(QueueUrl=aws["inbox"], MaxNumberOfMessages=10,
+                                     MessageAttributeNames=["All"]).get("Messages", [])
+    return [{"event": m["MessageAttributes"]["event"]["StringValue"],
+             "user_id": m["MessageAttributes"]["user_id"]["StringValue"], "body": m["Body"]} for m in got]
+
+
+def keys_under(aws, prefix):
+    resp = aws["s3"].list_objects_v2(Bucket=aws["stack"].bucket, Prefix=prefix)
+    return sorted(o["Key"] for o in resp.get("Contents", []))
+
+
+def run_batch(aws, handler_of, lambda_context, batch, files):
+    upload(aws, batch, files)
+    deliver(aws, handler_of, lambda_context, s3_event(aws, batch, [n for n, _ in files]))
+    (execution,) = [e for e in executions(aws) if e["name"] == execution_name(USER, batch)]
+    return execution["executionArn"], wait_done(aws, execution["executionArn"])
+
+
+def test_happy_path_registers_model_and_emails_user(aws, handler_of, lambda_context):
+    photos = one_person_batch(10)
+    request = ("request.json", json.dumps({"email": "ada@example.com"}).encode())
+    arn, desc = run_batch(aws, handler_of, lambda_context, "b1", [*photos, request])
+    assert desc["status"] == "SUCCEEDED", failure_of(aws, arn)
+
+    # One training job, on the accepted crops, with the tiny settings.
+    (job,) = aws["jobs"]()
+    assert job["status"] == "Completed"
+    assert job["hyperparameters"]["max_train_steps"] == "2"
+    assert job["inputs"]["training"] >= 8 + 1  # crops + manifest.json
+
+    # The adapter is published under models/<user>/<version>/ and matches the training output.
+    assert keys_under(aws, f"models/{USER}/b1/") == [f"models/{USER}/b1/{keys.ADAPTER_CONFIG}",
+                                                      f"models/{USER}/b1/{keys.ADAPTER_WEIGHTS}"]
+    adapter = json.loads(aws["s3"].get_object(Bucket=aws["stack"].bucket,
+                                              Key=f"models/{USER}/b1/{keys.ADAPTER_CONFIG}")["Body"].read())
+    (tarball,) = [k for k in keys_under(aws, "training/") if k.endswith("output/model.tar.gz")]
+    body = aws["s3"].get_object(Bucket=aws["stack"].bucket, Key=tarball)["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        weights = tar.extractfile(keys.ADAPTER_WEIGHTS).read()
+    published = aws["s3"].get_object(Bucket=aws["stack"].bucket,
+                                     Key=f"models/{USER}/b1/{keys.ADAPTER_WEIGHTS}")["Body"].read()
+    assert published == weights
+
+    row = aws["table"].get_item(Key={"user_id": USER, "version": "b1"})["Item"]
+    assert row["status"] == "READY"
+    assert row["adapter_key"] == f"models/{USER}/b1/{keys.ADAPTER_WEIGHTS}"
+    assert row["training_job"] == job["name"]
+    assert row["batch_id"] == "b1" and row["created_at"] and row["updated_at"]
+    assert row["token"] == adapter.get("token", "")
+
+    (msg,) = messages(aws)
+    assert msg["event"] == "MODEL_READY" and msg["user_id"] == USER
+    assert "ready" in msg["body"] and f"POST /users/{USER}/generations" in msg["body"]
+
+    # The email from request.json is subscribed, filtered to this user's messages.
+    subs = boto3.client("sns").list_subscriptions_by_topic(TopicArn=aws["stack"].topic_arn)["Subscriptions"]
+    (email,) = [s for s in subs if s["Protocol"] == "email"]
+    assert email["Endpoint"] == "ada@example.com"
+    attrs = boto3.client("sns").get_subscription_attributes(SubscriptionArn=email["SubscriptionArn"])
+    assert json.loads(attrs["Attributes"]["FilterPolicy"]) == {"user_id": [USER]}
+
+    # State transitions (AWS bills these): every *StateEntered event in the history.
+    transitions = sum(1 for e in history(aws, arn) if e["type"].endswith("StateEntered"))
+    print(f"\nhappy path: {len(photos)} photos + request.json, {transitions} state transitions")
+    (REPO / ".pytest_cache").mkdir(exist_ok=True)
+    (REPO / ".pytest_cache" / "workflow_transitions.json").write_text(
+        json.dumps({"photos": len(photos), "transitions": transitions}))
+    assert transitions <= 45
+
+
+def test_too_few_usable_photos_is_rejected_with_reasons(aws, handler_of, lambda_context):
+    files = [*one_person_batch(3), ("notes.jpg", random_bytes(2048)),
+             ("landscape.png", photo_bytes("coffee", "PNG"))]
+    arn, desc = run_batch(aws, handler_of, lambda_context, "b2", files)
+    assert desc["status"] == "FAILED" and desc["error"] == "NotEnoughPhotos"
+    assert aws["jobs"]() == []
+    assert keys_under(aws, "models/") == []
+    assert "Item" not in aws["table"].get_item(Key={"user_id": USER, "version": "b2"})
+    (msg,) = messages(aws)
+    assert msg["event"] == "MODEL_REJECTED"
+    assert "notes.jpg" in msg["body"] and "landscape.png" in msg["body"]
+    assert "Usable photos: 3; at least 8 are needed." in msg["body"]
+    assert "upload 10-15 new photos" in msg["body"]
+    assert keys_under(aws, f"datasets/{USER}/b2/manifest.json")
+
+
+def test_training_failure_marks_registry_failed_and_emails(aws, handler_of, lambda_context, monkeypatch):
+    # A base model prefix with nothing in it: the real entrypoint fails the job with a reason.
+    aws["s3"].delete_objects(Bucket=aws["stack"].bucket, Delete={"Objects": [
+        {"Key": k} for k in keys_under(aws, "base-models/")]})
+    arn, desc = run_batch(aws, handler_of, lambda_context, "b3", one_person_batch(9))
+    assert desc["status"] == "FAILED" and desc["error"] == "AvatarModelFailed"
+    (job,) = aws["jobs"]()
+    assert job["status"] == "Failed"
+    assert keys_under(aws, "models/") == []
+    row = aws["table"].get_item(Key={"user_id": USER, "version": "b3"})["Item"]
+    assert row["status"] == "FAILED"
+    assert row["failure_error"] == "TrainingJobFailed" and "base_model" in row["failure_cause"]
+    (msg,) = messages(aws)
+    assert msg["event"] == "MODEL_FAILED" and "base_model" in msg["body"] and "b3" in msg["body"]
+
+
+def test_duplicate_events_and_two_waves_make_one_execution_and_one_job(aws, handler_of, lambda_context):
+    photos = one_person_batch(10)
+    first, second = photos[:5], photos[5:]
+    upload(aws, "b4", first)
+    event = s3_event(aws, "b4", [n for n, _ in first])
+    deliver(aws, handler_of, lambda_context, event, event)  # the same S3 event twice in one batch
+    deliver(aws, handler_of, lambda_context, event)  # and redelivered later
+    (execution,) = executions(aws)
+    arn = execution["executionArn"]
+    # The second wave lands after the first listing: the settle loop must see it.
+    deadline = time.time() + 30
+    while not any(e["type"] == "TaskSucceeded" for e in history(aws, arn)):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    upload(aws, "b4", second)
+    deliver(aws, handler_of, lambda_context, s3_event(aws, "b4", [n for n, _ in second]))
+    desc = wait_done(aws, arn)
+    assert desc["status"] == "SUCCEEDED", failure_of(aws, arn)
+    assert len(executions(aws)) == 1
+    (job,) = aws["jobs"]()
+    manifest = json.loads(aws["s3"].get_object(Bucket=aws["stack"].bucket,
+                                               Key=keys.manifest_key(USER, "b4"))["Body"].read())
+    assert len(json.dumps(manifest)) > 0
+    listed = {Path(k).name for k in json.loads(desc["output"])["listing"]["keys"]}
+    assert listed == {n for n, _ in photos}
+    assert aws["hook"].calls["preprocess_image"] == 10
+    # Another duplicate after the run finished still starts nothing.
+    deliver(aws, handler_of, lambda_context, event)
+    assert len(executions(aws)) == 1 and len(aws["jobs"]()) == 1
+    assert [m["event"] for m in messages(aws)] == ["MODEL_READY"]
+
+
+def test_transient_lambda_error_is_retried(aws, handler_of, lambda_context):
+    aws["hook"].fail_next("preprocess_image", "TooManyRequestsException", times=2)
+    aws["hook"].fail_next("register_model", "ServiceException")
+    arn, desc = run_batch(aws, handler_of, lambda_context, "b5", one_person_batch(8))
+    assert desc["status"] == "SUCCEEDED", failure_of(aws, arn)
+    assert aws["hook"].calls["preprocess_image"] == 8 + 2
+    assert aws["hook"].calls["register_model"] == 2
+    assert aws["table"].get_item(Key={"user_id": USER, "version": "b5"})["Item"]["status"] == "READY"
+    assert [m["event"] for m in messages(aws)] == ["MODEL_READY"]

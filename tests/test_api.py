@@ -582,3 +582,60 @@ def test_sample_events_run(api, lambda_context):
     for name, status in expected.items():
         event = json.loads((REPO / "events" / name).read_text())
         assert api.mod.handler(event, lambda_context)["statusCode"] == status, name
+
+
+# ---------------------------------------------------------------- template agrees with the code
+
+
+def load_template():
+    import yaml
+
+    class CfnLoader(yaml.SafeLoader):
+        pass
+
+    def tag(loader, suffix, node):
+        if isinstance(node, yaml.ScalarNode):
+            value = loader.construct_scalar(node)
+        elif isinstance(node, yaml.SequenceNode):
+            value = loader.construct_sequence(node, deep=True)
+        else:
+            value = loader.construct_mapping(node, deep=True)
+        return {suffix: value}
+
+    CfnLoader.add_multi_constructor("!", tag)
+    return yaml.load((REPO / "template.yaml").read_text(), Loader=CfnLoader)  # noqa: S506 - SafeLoader subclass
+
+
+def test_template_wires_what_the_functions_read():
+    from avatarflow import generations as gen
+
+    template = load_template()
+    res = template["Resources"]
+    api_fn = res["ApiFunction"]["Properties"]
+    wanted = {"BUCKET_NAME", "MODELS_TABLE", "GENERATIONS_TABLE", "ENDPOINT_NAME"}
+    assert wanted <= set(api_fn["Environment"]["Variables"])
+    routes = {(e["Properties"]["Method"], e["Properties"]["Path"]) for e in api_fn["Events"].values()}
+    openapi = json.loads((REPO / "docs/openapi.json").read_text())
+    assert routes == {(m.upper(), p) for p, ops in openapi["paths"].items() for m in ops}
+    done_fn = res["OnGenerationDoneFunction"]["Properties"]
+    assert {"BUCKET_NAME", "GENERATIONS_TABLE"} <= set(done_fn["Environment"]["Variables"])
+    assert {e["Properties"]["Topic"]["Ref"] for e in done_fn["Events"].values()} == {
+        "InferenceSuccessTopic",
+        "InferenceErrorTopic",
+    }
+    table = res["GenerationsTable"]["Properties"]
+    assert [i["IndexName"] for i in table["GlobalSecondaryIndexes"]] == [gen.USER_INDEX]
+    assert table["TimeToLiveSpecification"] == {"AttributeName": "ttl", "Enabled": True}
+    config = res["InferenceEndpointConfig"]["Properties"]["AsyncInferenceConfig"]
+    assert config["ClientConfig"]["MaxConcurrentInvocationsPerInstance"] == 1
+    assert config["OutputConfig"]["S3OutputPath"]["Sub"].endswith("/" + keys.ASYNC_OUTPUT)
+    assert config["OutputConfig"]["S3FailurePath"]["Sub"].endswith("/" + keys.ASYNC_FAILURES)
+    assert res["InferenceScalableTarget"]["Properties"]["MinCapacity"] == 0
+    # Least privilege: no wildcard actions; the endpoint call is scoped to our endpoint.
+    for name in ("ApiFunction", "OnGenerationDoneFunction"):
+        for statement in res[name]["Properties"]["Policies"][0]["Statement"]:
+            actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+            assert all("*" not in a for a in actions), (name, actions)
+            assert statement["Resource"] != "*", (name, actions)
+            if "sagemaker:InvokeEndpointAsync" in actions:
+                assert statement["Resource"] == {"Ref": "InferenceEndpoint"}

@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TOOLS_VENV ?= .venv-tools
+CHECKOV_VENV ?= .venv-checkov
 PY := $(VENV)/bin/python
 TOOLS := $(TOOLS_VENV)/bin
 
@@ -25,12 +26,19 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Linters that pin their own versions of shared libraries live apart from the runtime deps.
-tools: $(TOOLS_VENV)/.installed
+tools: $(TOOLS_VENV)/.installed $(CHECKOV_VENV)/.installed
 
 $(TOOLS_VENV)/.installed: requirements-tools.txt
 	test -x $(TOOLS)/python || $(PYTHON) -m venv $(TOOLS_VENV)
 	$(TOOLS)/python -m pip install -q --upgrade pip
 	$(TOOLS)/python -m pip install -q -r requirements-tools.txt
+	touch $@
+
+# checkov conflicts with aws-sam-cli in one venv (boto3/pydantic pins): a venv of its own.
+$(CHECKOV_VENV)/.installed: requirements-checkov.txt
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CHECKOV_VENV)/bin/python -m pip install -q -r requirements-checkov.txt
 	touch $@
 
 lint: install
@@ -49,4 +57,4 @@ bench-infer: install
 	$(PY) bench/bench_infer.py
 
 clean:
-	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache .ruff_cache out
+	rm -rf $(VENV) $(TOOLS_VENV) $(CHECKOV_VENV) .pytest_cache .ruff_cache out

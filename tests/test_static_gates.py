@@ -211,7 +211,8 @@ def checkov_failures(tmp_path_factory):
 def test_checkov_template_has_no_failed_checks(checkov_failures):
     failed = checkov_failures["template.yaml"]
     lines = sorted(
-        f"{c['check_id']} on {c['resource']} (lines {c['file_line_range']}): {c['check_name']}" for c in failed
+        f"{c['check_id']} on {c['resource']} (lines {c['file_line_range']}): {c['check_name']}"
+        for c in failed
     )
     assert not failed, (
         f"checkov: {len(failed)} failed checks on template.yaml. Fix the resource, or, for a false "
@@ -246,9 +247,9 @@ def dockerfiles() -> list[Path]:
     for root, dirs, files in os.walk(REPO):
         dirs[:] = [d for d in dirs if d not in IGNORED_DIRS]
         for name in files:
-            if (name == "Dockerfile" or name.endswith(".Dockerfile") or name.startswith("Dockerfile.")) and not (
-                name.endswith(".dockerignore")
-            ):
+            if name.endswith(".dockerignore"):
+                continue
+            if name == "Dockerfile" or name.endswith(".Dockerfile") or name.startswith("Dockerfile."):
                 found.append(Path(root) / name)
     return sorted(found)
 
@@ -273,5 +274,6 @@ def test_hadolint_every_dockerfile(tmp_path):
     )
     ours = [f for f in findings if Path(f["file"]).name != "canary.Dockerfile"]
     assert not ours, "hadolint:\n" + "\n".join(
-        f"{Path(f['file']).relative_to(REPO)}:{f['line']} {f['code']} {f['level']}: {f['message']}" for f in ours
+        f"{Path(f['file']).relative_to(REPO)}:{f['line']} {f['code']} {f['level']}: {f['message']}"
+        for f in ours
     )

@@ -147,6 +147,16 @@ def cpu_bench(args) -> dict:
                 samples.append(timed(lambda t=target: engine.activate(t)))
             switch[rank] = samples
 
+        official = {}  # the same switch through diffusers' load_lora_into_unet(hotswap=True) every time
+        for rank in ranks:
+            a, b = (cache.get(f"r{rank}-user{j}", "v1")[0] for j in range(2))
+            samples = []
+            for i in range(args.switch_repeats):
+                target = a if i % 2 else b
+                target.swap_plan = None
+                samples.append(timed(lambda t=target: engine.activate(t)))
+            official[rank] = samples
+
         from_disk = {}
         for rank in ranks:
             samples = []
@@ -187,8 +197,12 @@ def cpu_bench(args) -> dict:
         "pipeline_load_ms": {"median": load_ms, "samples": [round(x) for x in loads]},
         "first_use_ms": {u: round(v, 1) for u, v in first_use.items()},
         "switch_memory_ms": {f"r{r}": median(v) for r, v in switch.items()},
+        "switch_diffusers_hotswap_ms": {f"r{r}": median(v) for r, v in official.items()},
         "switch_disk_ms": {f"r{r}": median(v) for r, v in from_disk.items()},
         "ratio_load_over_switch_memory": {f"r{r}": round(load_ms / median(v)) for r, v in switch.items()},
+        "ratio_load_over_diffusers_hotswap": {
+            f"r{r}": round(load_ms / median(v)) for r, v in official.items()
+        },
         "ratio_load_over_switch_disk": {f"r{r}": round(load_ms / median(v)) for r, v in from_disk.items()},
         "adapter_bytes": {
             f"r{r}": (cache_dir / "adapters" / f"r{r}-user0" / keys.ADAPTER_WEIGHTS).stat().st_size

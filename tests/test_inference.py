@@ -163,7 +163,7 @@ def test_alternating_users_match_each_adapter_alone(world):
     assert loads == inference_engine.BASE_LOADS
     assert (id(engine.pipe), id(engine.pipe.unet)) == (pipe_id, unet_id)
     assert torch.equal(engine.pipe.unet.conv_in.weight, base_weight)
-    assert [r["adapter"]["switch"] for r in results] == ["load", "hotswap", "hotswap", "hotswap"]
+    assert [r["adapter"]["switch"] for r in results] == ["load", "hotswap", "replay", "replay"]
 
     # Each user alone, in a fresh pipeline: exactly the same pixels (no adapter bleed).
     for user, mine in (("alice", [got[0], got[2]]), ("bob", [got[1], got[3]])):

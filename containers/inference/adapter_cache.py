@@ -53,6 +53,9 @@ class Adapter:
     nbytes: int = 0
     rank: int = 0
     has_text_encoder: bool = False
+    # Set by the engine after the first diffusers hotswap of this adapter: the exact in-place
+    # copies that swap made, replayed on later switches (lives and dies with this entry).
+    swap_plan: Any = None
 
     @property
     def key(self) -> tuple[str, str]:

@@ -1,0 +1,226 @@
+"""template.yaml and the ASL: sam validate --lint, cfn-lint, hadolint, and checks on the
+state machine beyond what cfn-lint reads (targets exist, every state reachable, moto's
+parser accepts it, every ${Substitution} provided, least-privilege IAM)."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from avatarflow_local.workflow_stack import (
+    DEFINITION,
+    STATE_MACHINE,
+    SUBSTITUTION,
+    definition_substitution_keys,
+    load_template,
+    local_substitutions,
+    render_definition,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / ".venv-tools" / "bin"
+
+
+def tool(name):
+    path = TOOLS / name
+    if not path.exists():
+        found = shutil.which(name)
+        if not found:
+            pytest.skip(f"{name} not installed: run `make tools` (creates .venv-tools)")
+        return found
+    return str(path)
+
+
+def run_tool(*args):
+    env = dict(os.environ, AWS_DEFAULT_REGION="us-east-1", SAM_CLI_TELEMETRY="0")
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_sam_validate_lint_is_clean():
+    proc = run_tool(tool("sam"), "validate", "--lint", "--template-file", "template.yaml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_cfn_lint_is_clean():
+    proc = run_tool(tool("cfn-lint"), "template.yaml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_faces_dockerfile_passes_hadolint():
+    proc = run_tool(tool("hadolint"), "functions/faces.Dockerfile")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _states(definition):
+    """Every (name, state) pair, descending into Map/Parallel, grouped by scope."""
+    scopes = [definition]
+    out = []
+    while scopes:
+        scope = scopes.pop()
+        out.append(scope)
+        for state in scope["States"].values():
+            if state["Type"] == "Map":
+                scopes.append(state.get("ItemProcessor") or state["Iterator"])
+            for branch in state.get("Branches", []):
+                scopes.append(branch)
+    return out
+
+
+def _targets(state):
+    targets = [state.get("Next"), state.get("Default")]
+    targets += [c["Next"] for c in state.get("Choices", [])]
+    targets += [c["Next"] for c in state.get("Catch", [])]
+    return [t for t in targets if t]
+
+
+def test_every_target_exists_and_every_state_is_reachable():
+    definition = json.loads(DEFINITION.read_text())
+    for scope in _states(definition):
+        names = set(scope["States"])
+        assert scope["StartAt"] in names
+        seen, todo = set(), [scope["StartAt"]]
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            state = scope["States"][name]
+            for target in _targets(state):
+                assert target in names, f"{name} -> {target}: no such state"
+                todo.append(target)
+            terminal = state["Type"] in ("Succeed", "Fail", "Choice") or state.get("End")
+            assert terminal or state.get("Next"), f"{name} neither ends nor continues"
+        assert seen == names, f"unreachable states: {sorted(names - seen)}"
+
+
+def test_retries_and_catches_are_well_formed():
+    definition = json.loads(DEFINITION.read_text())
+    for scope in _states(definition):
+        for name, state in scope["States"].items():
+            for rule in state.get("Retry", []) + state.get("Catch", []):
+                if "States.ALL" in rule["ErrorEquals"]:
+                    assert rule["ErrorEquals"] == ["States.ALL"], name
+            catches = state.get("Catch", [])
+            if any("States.ALL" in c["ErrorEquals"] for c in catches):
+                assert "States.ALL" in catches[-1]["ErrorEquals"], f"{name}: States.ALL must be last"
+    # Every task that can fail after training starts routes to the failure path.
+    for name in ("ListUploads", "PrepareImages", "BuildDataset", "MarkTraining", "Train", "RegisterModel"):
+        assert definition["States"][name]["Catch"][-1]["Next"] == "RecordFailure"
+
+
+def test_every_substitution_is_provided_by_the_template_and_none_is_unused():
+    used = set(SUBSTITUTION.findall(DEFINITION.read_text()))
+    provided = set(definition_substitution_keys())
+    assert used == provided
+    template = load_template()
+    props = template["Resources"][STATE_MACHINE]["Properties"]
+    assert props["DefinitionUri"] == "statemachines/train_avatar.asl.json"
+    assert props["DefinitionSubstitutions"]["TrainingJobResource"] == {
+        "Fn::Sub": "arn:${AWS::Partition}:states:::sagemaker:createTrainingJob.sync"
+    }
+    assert props["Tracing"]["Enabled"] is True and props["Logging"]["Level"] != "OFF"
+
+
+def test_moto_parser_accepts_the_rendered_definition():
+    with mock_aws():
+        subs = local_substitutions("bucket", "table", "arn:aws:sns:us-east-1:123456789012:topic")
+        sfn = boto3.client("stepfunctions")
+        arn = sfn.create_state_machine(
+            name="check", definition=render_definition(subs), roleArn="arn:aws:iam::123456789012:role/r"
+        )["stateMachineArn"]
+        assert sfn.describe_state_machine(stateMachineArn=arn)["status"] == "ACTIVE"
+    # With the cloud values the definition is still JSON (StoppingCondition spliced in).
+    cloud = dict(
+        subs, StoppingConditionJson='{\\"MaxRuntimeInSeconds\\": 3600, \\"MaxWaitTimeInSeconds\\": 7200}'
+    )
+    train = json.loads(render_definition(cloud))["States"]["Train"]["Parameters"]
+    assert train["StoppingCondition.$"].startswith('States.StringToJson(\'{"MaxRuntimeInSeconds"')
+
+
+def _statements(template):
+    for name, res in template["Resources"].items():
+        props = res.get("Properties", {})
+        docs = [p["PolicyDocument"] for p in props.get("Policies", []) if "PolicyDocument" in p]
+        docs += [p for p in props.get("Policies", []) if isinstance(p, dict) and "Statement" in p]
+        if "PolicyDocument" in props:
+            docs.append(props["PolicyDocument"])
+        for doc in docs:
+            for st in doc["Statement"]:
+                yield name, st
+
+
+def test_iam_has_no_wildcard_actions_and_sagemaker_is_scoped():
+    template = load_template()
+    for name, st in _statements(template):
+        actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+        for action in actions:
+            if st["Effect"] == "Allow":
+                assert "*" not in action, f"{name}: wildcard action {action}"
+    sm = [st for n, st in _statements(template) if n == STATE_MACHINE]
+    by_action = {
+        a: st for st in sm for a in (st["Action"] if isinstance(st["Action"], list) else [st["Action"]])
+    }
+    for action in (
+        "sagemaker:CreateTrainingJob",
+        "sagemaker:DescribeTrainingJob",
+        "sagemaker:StopTrainingJob",
+    ):
+        assert "training-job/avatar-" in by_action[action]["Resource"]["Fn::Sub"]
+    assert by_action["iam:PassRole"]["Condition"] == {
+        "StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}
+    }
+    assert by_action["events:PutRule"]["Resource"]["Fn::Sub"].endswith(
+        "rule/StepFunctionsGetEventsForSageMakerTrainingJobsRule"
+    )
+
+
+def test_bucket_and_trigger_settings():
+    res = load_template()["Resources"]
+    bucket = res["DataBucket"]["Properties"]
+    assert bucket["VersioningConfiguration"]["Status"] == "Enabled"
+    assert all(bucket["PublicAccessBlockConfiguration"].values())
+    assert bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    prefixes = {r.get("Prefix") for r in bucket["LifecycleConfiguration"]["Rules"]}
+    assert {"uploads/", "requests/"} <= prefixes
+    (deny,) = res["DataBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    assert deny["Effect"] == "Deny" and deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    event = res["OnUploadFunction"]["Properties"]["Events"]["Uploads"]["Properties"]
+    assert (
+        event["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+        and event["MaximumBatchingWindowInSeconds"]
+    )
+    assert "deadLetterTargetArn" in res["UploadQueue"]["Properties"]["RedrivePolicy"]
+    assert res["NotificationTopic"]["Properties"]["KmsMasterKeyId"]
+    for name in ("PreprocessImageFunction", "BuildDatasetFunction"):
+        assert res[name]["Properties"]["PackageType"] == "Image"
+        assert res[name]["Metadata"]["Dockerfile"] == "functions/faces.Dockerfile"
+    params = load_template()["Parameters"]
+    for p in (
+        "TrainingImageUri",
+        "BaseModelS3Uri",
+        "TrainingInstanceType",
+        "UseSpotTraining",
+        "MaxTrainingMinutes",
+        "MinImages",
+        "SettleSeconds",
+        "NotificationEmail",
+    ):
+        assert p in params
+    assert (
+        params["TrainingInstanceType"]["Default"] == "ml.g5.2xlarge" and params["MinImages"]["Default"] == 8
+    )
+
+
+def test_samconfig_has_dev_and_prod_with_lowercase_stack_names():
+    config = tomllib.loads((REPO / "samconfig.toml").read_text())
+    for env in ("default", "prod"):
+        name = config[env]["global"]["parameters"]["stack_name"]
+        assert re.fullmatch(r"[a-z0-9-]+", name)  # the stack name is part of the bucket name
+        assert "CAPABILITY_IAM" in config[env]["deploy"]["parameters"]["capabilities"]

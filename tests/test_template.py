@@ -191,7 +191,11 @@ def test_bucket_and_trigger_settings():
     assert {"uploads/", "requests/"} <= prefixes
     (deny,) = res["DataBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"]
     assert deny["Effect"] == "Deny" and deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
-    event = res["OnUploadFunction"]["Properties"]["Events"]["Uploads"]["Properties"]
+    # An explicit event source mapping (not SAM `Events: SQS`, which attaches a managed policy
+    # with receive/delete on every queue; see tests/test_iam_policy.py).
+    event = res["OnUploadEventSource"]["Properties"]
+    assert event["FunctionName"] == {"Ref": "OnUploadFunction"}
+    assert event["EventSourceArn"] == {"Fn::GetAtt": ["UploadQueue", "Arn"]}
     assert (
         event["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
         and event["MaximumBatchingWindowInSeconds"]

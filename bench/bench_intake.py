@@ -39,10 +39,17 @@ def make_photos():
         ("astronaut", 6),
         ("grace_hopper", 1),
     ]
-    return [
+    photos = [
         (f"{name} orientation {o}", S.phone_photo(name, orientation=o, seed=i))
         for i, (name, o) in enumerate(cases)
     ]
+    # Shot from farther away: the face is ~600 px tall, so a sharp 512 px crop needs the
+    # second, finer (1/2 scale) decode.
+    farther = S.shrunk_in_canvas(S.photo("grace_hopper"), scale=0.45, canvas=600)
+    for o in (6, 8):
+        data = S.phone_photo(farther, orientation=o, seed=o)
+        photos.append((f"grace_hopper farther, orientation {o}", data))
+    return photos
 
 
 def full_decode_ms(data: bytes) -> float:
@@ -96,7 +103,8 @@ def main() -> None:
         "",
         f"Input: {len(photos)} phone-sized JPEGs, 4032x3024 (12.2 MP), {min(sizes):.1f}-{max(sizes):.1f} MB, "
         "made from scikit-image's astronaut and matplotlib's grace_hopper (upscaled, sensor-like noise, "
-        "stored sideways with EXIF orientation 6/8, one upright); "
+        "stored sideways with EXIF orientation 6/8, one upright): five close portraits (face 1000-1700 px "
+        "tall) and two shot from farther away (face ~600 px, which take the second, finer decode); "
         f"{args.repeats} passes over each, after one warm-up pass. One thread (`OMP_NUM_THREADS=1`, "
         f"`cv2.setNumThreads(1)`), {platform.processor() or platform.machine()}, Python "
         f"{platform.python_version()}, OpenCV {cv2.__version__}, Pillow {Image.__version__}.",
@@ -114,14 +122,15 @@ def main() -> None:
         f"- Machine: 2 vCPUs shared with other jobs, 1-minute load average {load:.2f} at the end of the run; "
         "numbers move by +-20% or more between runs under load.",
         f"- For comparison, a plain full-resolution decode + `exif_transpose` of the same files takes "
-        f"{statistics.median(full):.1f} ms median: JPEG `draft()` (decode at 1/4 DCT scale for detection, "
-        "then at the smallest scale that still gives a 512 px crop) is what keeps the gate in budget.",
+        f"{statistics.median(full):.1f} ms median on its own, before any resize: JPEG `draft()` (decode at "
+        "1/4 DCT scale for detection, then at the smallest scale that still gives a 512 px crop) keeps "
+        "the whole gate near that figure.",
         f"- Cold start (hash-check and load both ONNX models once per process): {cold_ms:.0f} ms.",
         f"- Verdicts: {sorted(set(v for _, v in verdicts))} (all photos must pass as `ok`).",
         "- Stages: decode = reduced-scale decode + orientation + resize to 640 px for YuNet; "
         "detect = YuNet; checks = face count/size, sharpness, brightness, image hash; "
-        "crop = second reduced-scale decode when the 1/4 scale is too coarse for a 512 px crop (hence mean > "
-        "median) + Lanczos resize; embed = SFace alignment + forward.",
+        "crop = second reduced-scale decode (1/2 scale) when the 1/4 scale is too coarse for a 512 px crop, "
+        "as for the farther shots, + Lanczos resize; embed = SFace alignment + forward.",
         "",
     ]
     section = "\n".join(lines)

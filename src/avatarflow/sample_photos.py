@@ -132,12 +132,12 @@ def oversized(limit: int) -> bytes:
 
 
 def phone_photo(
-    name: str, size: tuple[int, int] = (4032, 3024), orientation: int = 6, seed: int = 0
+    name: str | Image.Image, size: tuple[int, int] = (4032, 3024), orientation: int = 6, seed: int = 0
 ) -> bytes:
     """A 12 MP phone-like JPEG made from a shipped photo: upscaled to fill `size` (the
     sensor's landscape frame), sensor-like noise so it compresses like a real photo. With
     orientation 6 or 8 it is a portrait shot stored sideways with the EXIF tag, as phones do."""
-    base = photo(name)
+    base = photo(name) if isinstance(name, str) else name
     width, height = size if orientation in (1, 3) else size[::-1]  # 6 and 8: a portrait shot
     scale = max(width / base.width, height / base.height)
     big = base.resize((math.ceil(base.width * scale), math.ceil(base.height * scale)), Image.BICUBIC)

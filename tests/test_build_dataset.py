@@ -173,3 +173,12 @@ def test_request_json_results_are_ignored(s3, run, person):
 def test_malformed_events_raise(s3, handler_of, lambda_context, event):
     with pytest.raises(ValueError):
         handler_of("build_dataset")(event, lambda_context)
+
+
+def test_sample_event_runs(s3, handler_of, lambda_context):
+    from avatarflow_local.functions import REPO_ROOT
+
+    event = json.loads((REPO_ROOT / "events" / "build_dataset.json").read_text())
+    out = handler_of("build_dataset")(event, lambda_context)
+    assert out["accepted"] == 1 and out["rejected"] == 1 and out["enough"] is False
+    assert out["rejections"][0]["reason"] == "blurry"

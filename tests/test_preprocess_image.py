@@ -148,3 +148,12 @@ def test_s3_outage_raises_so_step_functions_retries(preprocess, monkeypatch):
 def test_malformed_events_raise(s3, preprocess, event):
     with pytest.raises(ValueError):
         preprocess(event)
+
+
+def test_sample_event_runs(s3, preprocess):
+    from avatarflow_local.functions import REPO_ROOT
+
+    event = json.loads((REPO_ROOT / "events" / "preprocess_image.json").read_text())
+    s3.put_object(Bucket=BUCKET, Key=event["key"], Body=S.photo_bytes("grace_hopper"))
+    result = preprocess(event)
+    assert result["accepted"] is True and result["crop_key"].endswith("/images/000.png")

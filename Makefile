@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 export SAM_CLI_TELEMETRY ?= 0
 export AWS_DEFAULT_REGION ?= us-east-1
 
-.PHONY: install tools test lint validate bench-intake bench-train bench-infer bench clean
+.PHONY: install tools test lint validate bench-intake bench-train bench-infer bench fuzz clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,10 @@ lint: install
 
 test: install tools lint
 	PATH="$(CURDIR)/$(TOOLS_VENV)/bin:$$PATH" $(PY) -m pytest
+
+# Property fuzzing with a large budget (tests/test_fuzz.py, 10,000 examples per target).
+fuzz: install
+	$(PY) bench/fuzz.py --examples $${FUZZ_EXAMPLES:-10000}
 
 bench-intake: install
 	$(PY) bench/bench_intake.py

@@ -150,6 +150,30 @@ def test_request_json_results_are_ignored(s3, run, person):
 
 
 @pytest.mark.parametrize(
+    ("request_body", "subject", "issues"),
+    [
+        (None, ("sks", "person"), 0),
+        (b'{"token": "zwx", "subject_class": "woman"}', ("zwx", "woman"), 0),
+        # Values that would reach a prompt unchecked fall back to the defaults, with the reason.
+        (b'{"token": "a photo, nsfw", "subject_class": "dragon"}', ("sks", "person"), 2),
+        (b'{"token": "person"}', ("sks", "person"), 1),
+        (b"not json", ("sks", "person"), 1),
+        (b'{"token": "' + b"x" * 20000 + b'"}', ("sks", "person"), 1),
+    ],
+)
+def test_request_json_sets_the_training_subject(s3, run, person, request_body, subject, issues):
+    if request_body is not None:
+        s3.put_object(Bucket=BUCKET, Key=f"uploads/{USER}/{BATCH}/request.json", Body=request_body)
+    _, out = run(s3, person[:2])
+    token, subject_class = subject
+    assert (out["token"], out["subject_class"]) == subject
+    assert out["instance_prompt"] == f"a photo of {token} {subject_class}"
+    assert out["class_prompt"] == f"a photo of a {subject_class}"
+    assert len(out["request_issues"]) == issues
+    assert manifest(s3)["token"] == token and manifest(s3)["request_issues"] == out["request_issues"]
+
+
+@pytest.mark.parametrize(
     "event",
     [
         {"user_id": "../x", "batch_id": BATCH, "results": []},

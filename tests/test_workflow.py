@@ -125,7 +125,8 @@ def run_batch(aws, handler_of, lambda_context, batch, files):
 
 def test_happy_path_registers_model_and_emails_user(aws, handler_of, lambda_context):
     photos = one_person_batch(10)
-    request = ("request.json", json.dumps({"email": "ada@example.com"}).encode())
+    request = ("request.json", json.dumps({"email": "ada@example.com", "token": "zwx",
+                                           "subject_class": "woman"}).encode())
     arn, desc = run_batch(aws, handler_of, lambda_context, "b1", [*photos, request])
     assert desc["status"] == "SUCCEEDED", failure_of(aws, arn)
 
@@ -133,6 +134,9 @@ def test_happy_path_registers_model_and_emails_user(aws, handler_of, lambda_cont
     (job,) = aws["jobs"]()
     assert job["status"] == "Completed"
     assert job["hyperparameters"]["max_train_steps"] == "2"
+    # request.json's token and class reach the training prompts.
+    assert job["hyperparameters"]["token"] == "zwx"
+    assert job["hyperparameters"]["instance_prompt"] == "a photo of zwx woman"
     assert job["inputs"]["training"] >= 8 + 1  # crops + manifest.json
 
     # The adapter is published under models/<user>/<version>/ and matches the training output.
@@ -153,11 +157,13 @@ def test_happy_path_registers_model_and_emails_user(aws, handler_of, lambda_cont
     assert row["adapter_key"] == f"models/{USER}/b1/{keys.ADAPTER_WEIGHTS}"
     assert row["training_job"] == job["name"]
     assert row["batch_id"] == "b1" and row["created_at"] and row["updated_at"]
-    assert row["token"] == adapter.get("token", "")
+    assert row["token"] == adapter["token"] == "zwx"
+    assert adapter["subject_class"] == "woman"
 
     (msg,) = messages(aws)
     assert msg["event"] == "MODEL_READY" and msg["user_id"] == USER
     assert "ready" in msg["body"] and f"POST /users/{USER}/generations" in msg["body"]
+    assert "a portrait of zwx woman" in msg["body"]
 
     # The email from request.json is subscribed, filtered to this user's messages.
     subs = boto3.client("sns").list_subscriptions_by_topic(TopicArn=aws["stack"].topic_arn)["Subscriptions"]

@@ -90,8 +90,9 @@ class Paths:
 @dataclasses.dataclass(frozen=True)
 class Hyperparameters:
     token: str = "sks"  # noqa: S105 - the DreamBooth rare token
-    instance_prompt: str = ""  # "" -> "a photo of <token> person"
-    class_prompt: str = "a photo of a person"
+    subject_class: str = "person"
+    instance_prompt: str = ""  # "" -> "a photo of <token> <subject_class>"
+    class_prompt: str = ""  # "" -> "a photo of a <subject_class>"
     max_train_steps: int = 800
     learning_rate: float = 1e-4
     rank: int = 4
@@ -113,7 +114,11 @@ class Hyperparameters:
 
     @property
     def prompt(self) -> str:
-        return self.instance_prompt or f"a photo of {self.token} person"
+        return self.instance_prompt or f"a photo of {self.token} {self.subject_class}"
+
+    @property
+    def prior_prompt(self) -> str:
+        return self.class_prompt or f"a photo of a {self.subject_class}"
 
     @property
     def lora_alpha(self) -> float:
@@ -179,7 +184,10 @@ def parse_hyperparameters(raw: dict) -> Hyperparameters:
         re.search(rf"\b{re.escape(hp.token)}\b", hp.prompt) is not None,
         f"instance_prompt {hp.prompt!r} must contain the token {hp.token!r}",
     )
-    check(bool(hp.class_prompt.strip()), "class_prompt must not be empty")
+    check(
+        re.fullmatch(r"[a-z]{2,20}", hp.subject_class) is not None,
+        f"subject_class must be 2-20 lowercase letters, got {hp.subject_class!r}",
+    )
     check(1 <= hp.max_train_steps <= 100_000, f"max_train_steps must be 1..100000, got {hp.max_train_steps}")
     check(0 < hp.learning_rate < 1, f"learning_rate must be in (0, 1), got {hp.learning_rate}")
     check(1 <= hp.rank <= 256, f"rank must be 1..256, got {hp.rank}")
@@ -397,13 +405,13 @@ def class_images(paths: Paths, hp: Hyperparameters, base: BaseModel, log) -> lis
     cache.mkdir(parents=True, exist_ok=True)
     have = sorted(cache.glob("*.png"))
     if len(have) < hp.num_class_images:
-        log(f"generating {hp.num_class_images - len(have)} class images: {hp.class_prompt!r}")
+        log(f"generating {hp.num_class_images - len(have)} class images: {hp.prior_prompt!r}")
         base.vae.to(base.weight_dtype)  # the pipeline upcasts SDXL's VAE itself when needed
         pipe = base.pipeline()
         for i in range(len(have), hp.num_class_images):
             generator = torch.Generator("cpu").manual_seed(hp.seed * 100_003 + i)
             image = pipe(
-                hp.class_prompt,
+                hp.prior_prompt,
                 num_inference_steps=hp.class_inference_steps,
                 height=hp.resolution,
                 width=hp.resolution,
@@ -615,7 +623,7 @@ def train(paths: Paths, hp: Hyperparameters, log=print) -> dict:
     optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=1e-2)
     scaler = torch.amp.GradScaler("cuda") if hp.mixed_precision == "fp16" else None
 
-    prompts = [hp.prompt] + ([hp.class_prompt] if hp.prior_preservation else [])
+    prompts = [hp.prompt] + ([hp.prior_prompt] if hp.prior_preservation else [])
     cached_text = None
     if not hp.train_text_encoder:
         with torch.no_grad():  # frozen text encoder: embeddings never change
@@ -709,7 +717,8 @@ def train(paths: Paths, hp: Hyperparameters, log=print) -> dict:
         "prediction_type": sched.config.prediction_type,
         "token": hp.token,
         "instance_prompt": hp.prompt,
-        "class_prompt": hp.class_prompt,
+        "subject_class": hp.subject_class,
+        "class_prompt": hp.prior_prompt,
         "rank": hp.rank,
         "alpha": hp.lora_alpha,
         "target_modules": sorted(UNET_TARGET_MODULES),

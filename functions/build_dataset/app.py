@@ -1,6 +1,8 @@
 """build_dataset: the PrepareImages Map's results -> the training set and manifest.json.
 
 Event: {"user_id", "batch_id", "results": [<preprocess_image outputs>], "min_images": 8}.
+Also reads the batch's optional request.json for the training token and subject class
+(it is read here, after the settle loop, because it may arrive after the first photo).
 Drops near-duplicates and photos of a different person, deletes every crop under
 datasets/<user_id>/<batch_id>/images/ that is not in the training set (so the training
 channel holds exactly it), writes manifest.json and returns counts (no embeddings: Step
@@ -14,8 +16,9 @@ from collections import Counter
 import boto3
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
+from botocore.exceptions import ClientError
 
-from avatarflow import faces, keys
+from avatarflow import faces, keys, workflow
 from avatarflow.ids import validate_id
 
 logger = Logger()
@@ -24,6 +27,7 @@ metrics = Metrics()
 
 DEFAULT_MIN_IMAGES = 8
 MANIFEST_VERSION = 1
+MAX_REQUEST_BYTES = 16 * 1024
 
 
 def _min_images(event: dict) -> int:
@@ -59,6 +63,26 @@ def _photo_entry(result: dict, images_prefix: str) -> dict:
         "_embedding": face.get("embedding") if accepted else None,
         "_phash": face.get("phash") if accepted else None,
     }
+
+
+@tracer.capture_method
+def _read_request(bucket: str, user_id: str, batch_id: str) -> tuple[dict, list[str]]:
+    """uploads/<u>/<b>/request.json -> (training subject, problems). Missing is fine."""
+    key = keys.upload_prefix(user_id, batch_id) + keys.REQUEST_FILE
+    try:
+        obj = boto3.client("s3").get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{MAX_REQUEST_BYTES}")
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+            raise
+        return workflow.training_subject(None)
+    body = obj["Body"].read()
+    if len(body) > MAX_REQUEST_BYTES:
+        return workflow.training_subject(None)[0], ["request.json is larger than 16 KB: ignored"]
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return workflow.training_subject(None)[0], ["request.json is not valid JSON: ignored"]
+    return workflow.training_subject(request)
 
 
 @tracer.capture_method
@@ -108,6 +132,9 @@ def handler(event, context):
     reference = faces.mean_embedding([p["_embedding"] for p in kept])
 
     removed = _prune_images(bucket, images_prefix, {p["crop_key"] for p in kept})
+    subject, request_issues = _read_request(bucket, user_id, batch_id)
+    if request_issues:
+        logger.warning("request.json values not used", extra={"issues": request_issues})
     rejections = [
         {"name": p["name"], "reason": p["reason"], "message": p["message"]} for p in photos if p["reason"]
     ]
@@ -125,6 +152,8 @@ def handler(event, context):
             "by_reason": dict(sorted(Counter(p["reason"] for p in photos if p["reason"]).items())),
         },
         "images": [p["crop_key"] for p in kept],
+        **subject,
+        "request_issues": request_issues,
         "reference_embedding": reference,
         "photos": [{k: v for k, v in p.items() if not k.startswith("_")} for p in photos],
     }
@@ -166,4 +195,6 @@ def handler(event, context):
         "dataset_prefix": prefix,
         "manifest_key": manifest_key,
         "rejections": rejections,
+        **subject,
+        "request_issues": request_issues,
     }

@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import json
 
-from avatarflow.workflow import MODEL_FAILED, MODEL_READY, MODEL_REJECTED
+from avatarflow.workflow import (
+    DEFAULT_SUBJECT_CLASS,
+    DEFAULT_TOKEN,
+    MODEL_FAILED,
+    MODEL_READY,
+    MODEL_REJECTED,
+)
 
-TOKEN = "sks"  # noqa: S105 - the DreamBooth identifier token, not a secret
 _MAX_LISTED = 30
 _MAX_CAUSE = 400
 
 
-def _generate_hint(user_id: str, version: str) -> str:
+def _generate_hint(user_id: str, version: str, token: str, subject_class: str) -> str:
     return (
         "To create avatars, send a prompt that mentions your token, for example:\n"
         f"  POST /users/{user_id}/generations\n"
-        f'  {{"prompt": "a portrait of {TOKEN} person as an astronaut, studio light", '
+        f'  {{"prompt": "a portrait of {token} {subject_class} as an astronaut, studio light", '
         f'"model_version": "{version}", "num_images": 4}}\n'
         "You get a generation id back; poll "
         f"GET /users/{user_id}/generations/<generation_id> until the images are ready."
@@ -52,7 +57,11 @@ def ready(user_id: str, batch_id: str, version: str, metrics: dict | None, datas
         shown = ", ".join(f"{k}={v}" for k, v in sorted(metrics.items()) if isinstance(v, int | float | str))
         if shown:
             lines += ["", f"Training: {shown}"]
-    lines += ["", _generate_hint(user_id, version)]
+    for issue in dataset.get("request_issues") or []:
+        lines.append(f"Note on your request.json: {issue}.")
+    token = dataset.get("token") or DEFAULT_TOKEN
+    subject_class = dataset.get("subject_class") or DEFAULT_SUBJECT_CLASS
+    lines += ["", _generate_hint(user_id, version, token, subject_class)]
     return {"event": MODEL_READY, "subject": "Your avatar model is ready", "message": "\n".join(lines)}
 
 

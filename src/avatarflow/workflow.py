@@ -2,6 +2,7 @@
 notification events (SNS message attribute `event`)."""
 
 import hashlib
+import re
 
 from avatarflow.ids import validate_id
 
@@ -31,3 +32,39 @@ def execution_input(user_id: str, batch_id: str) -> dict:
     """Deterministic: the same batch always starts with the same input, so StartExecution
     with the same name is idempotent while the run is in progress."""
     return {"user_id": validate_id(user_id, "user_id"), "batch_id": validate_id(batch_id, "batch_id")}
+
+
+# What a user may choose in request.json for training (design.md: {"token", "subject_class"}).
+# Both end up inside prompts, so they are checked against a tight pattern / list.
+DEFAULT_TOKEN = "sks"  # noqa: S105 - the DreamBooth identifier token, not a secret
+DEFAULT_SUBJECT_CLASS = "person"
+SUBJECT_CLASSES = ("person", "man", "woman", "boy", "girl", "child")
+TOKEN_PATTERN = re.compile(r"^[a-z]{3,12}$")
+
+
+def training_subject(request: object) -> tuple[dict, list[str]]:
+    """request.json -> the token/class/prompts the training job uses, plus the problems found.
+
+    A bad value never stops the batch: it falls back to the default and is reported, so the
+    user learns why their token was not used."""
+    request = request if isinstance(request, dict) else {}
+    issues = []
+    token = request.get("token", DEFAULT_TOKEN)
+    if not (isinstance(token, str) and TOKEN_PATTERN.fullmatch(token)):
+        issues.append(f"token must be 3-12 lowercase letters; using '{DEFAULT_TOKEN}'")
+        token = DEFAULT_TOKEN
+    subject_class = request.get("subject_class", DEFAULT_SUBJECT_CLASS)
+    if subject_class not in SUBJECT_CLASSES:
+        allowed = ", ".join(SUBJECT_CLASSES)
+        issues.append(f"subject_class must be one of {allowed}; using '{DEFAULT_SUBJECT_CLASS}'")
+        subject_class = DEFAULT_SUBJECT_CLASS
+    if token == subject_class:
+        issues.append(f"token must differ from the subject class; using '{DEFAULT_TOKEN}'")
+        token = DEFAULT_TOKEN
+    subject = {
+        "token": token,
+        "subject_class": subject_class,
+        "instance_prompt": f"a photo of {token} {subject_class}",
+        "class_prompt": f"a photo of a {subject_class}",
+    }
+    return subject, issues

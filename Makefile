@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 export SAM_CLI_TELEMETRY ?= 0
 export AWS_DEFAULT_REGION ?= us-east-1
 
-.PHONY: install tools test lint validate bench-intake bench-train bench-infer bench fuzz clean
+.PHONY: install tools test lint validate bench-intake bench-train bench-infer bench fuzz demo up clean
 
 install: $(VENV)/.installed
 
@@ -59,6 +59,14 @@ bench-train: install
 
 bench-infer: install
 	$(PY) bench/bench_infer.py
+
+# The whole system on 127.0.0.1 (moto + in-process handlers + tiny model): see README.
+# PHOTOS=<folder> uses your photos; DEMO_ARGS / UP_ARGS pass more flags (--base-model PATH, --steps N).
+demo: install
+	$(PY) -m avatarflow_local demo $(if $(PHOTOS),--photos "$(PHOTOS)") $(DEMO_ARGS)
+
+up: install
+	$(PY) -m avatarflow_local up $(UP_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) $(CHECKOV_VENV) .pytest_cache .ruff_cache out

@@ -288,7 +288,9 @@ def _status_url(user_id: str, generation_id: str) -> str:
     if not domain:
         return path
     prefix = "" if stage in (None, "", "$default") else f"/{stage}"
-    return f"https://{domain}{prefix}{path}"
+    # API Gateway is HTTPS only; the local runtime's plain-HTTP adapter says so in X-Forwarded-Proto.
+    scheme = "http" if (app.current_event.headers or {}).get("x-forwarded-proto") == "http" else "https"
+    return f"{scheme}://{domain}{prefix}{path}"
 
 
 def _delete_all_versions(bucket: str, prefix: str, exact_key: str | None = None) -> int:

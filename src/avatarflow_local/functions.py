@@ -4,6 +4,7 @@ Every function folder has its own app.py (the SAM convention), so they are loade
 under distinct module names rather than imported as one package."""
 
 import importlib.util
+import itertools
 import sys
 from functools import cache
 from pathlib import Path
@@ -27,3 +28,21 @@ def load_function_module(name: str):
 
 def load_handler(name: str):
     return load_function_module(name).handler
+
+
+def load_fresh_handler(name: str):
+    """A new instance of functions/<name>/app.py (its own module globals and cached clients),
+    like a fresh Lambda execution environment: the local runtime loads its handlers this way
+    after pointing boto3 at its endpoint and setting the functions' environment."""
+    path = FUNCTIONS_DIR / name / "app.py"
+    if not path.is_file():
+        raise LookupError(f"no function folder {name!r} under {FUNCTIONS_DIR}")
+    module_name = f"avatarflow_local_fn_{name}_{next(_fresh_ids)}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module.handler
+
+
+_fresh_ids = itertools.count(1)

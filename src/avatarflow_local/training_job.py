@@ -6,16 +6,22 @@ Resource is substituted with the ARN of a Lambda that the lambda hook maps to `h
 here, which does what SageMaker would:
 
   1. lays out a fresh /opt/ml (input/config/hyperparameters.json, input/data/<channel>/
-     downloaded from each channel's S3 prefix, model/, output/, checkpoints/);
+     downloaded from each channel's S3 prefix (or linked from a local `file://` folder, as
+     SageMaker local mode allows), model/, output/, checkpoints/);
   2. runs the training entrypoint (containers/training/train) as a subprocess with
      AVATARFLOW_OPT_ML pointing there, bounded by StoppingCondition.MaxRuntimeInSeconds;
   3. tars model/ to <S3OutputPath><job>/output/model.tar.gz;
   4. returns a DescribeTrainingJob-shaped result, or raises TrainingJobFailed with the
      job's output/failure text (the .sync task fails the same way on AWS).
+
+The job's stdout is read line by line while it runs: every callable in LISTENERS gets
+(job name, line), which is how the local runtime draws a progress bar from the
+`step=N loss=...` metric lines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -24,6 +30,8 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse
@@ -39,6 +47,9 @@ DEFAULT_ENTRYPOINT = REPO_ROOT / "containers" / "training" / "train"
 # Every job this process ran, in order: {"name", "status", "hyperparameters", "inputs"}.
 JOBS: list[dict] = []
 _jobs_lock = threading.Lock()
+
+# Called with (job name, stdout line) for every line a running job prints.
+LISTENERS: list[Callable[[str, str], None]] = []
 
 
 class TrainingJobFailed(Exception):
@@ -57,6 +68,8 @@ def _s3_uri(uri: str) -> tuple[str, str]:
 
 
 def _download_prefix(s3, uri: str, target: Path) -> int:
+    if uri.startswith("file://"):
+        return _link_folder(Path(urlparse(uri).path), target)
     bucket, prefix = _s3_uri(uri)
     count = 0
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -69,6 +82,46 @@ def _download_prefix(s3, uri: str, target: Path) -> int:
             s3.download_file(bucket, obj["Key"], str(dest))
             count += 1
     return count
+
+
+def _link_folder(source: Path, target: Path) -> int:
+    """A local channel (`file:///abs/folder`): its top-level entries are symlinked, so a
+    multi-GB base model is not copied for every job."""
+    if not source.is_dir():
+        raise InvalidTrainingJobRequest(f"local channel folder does not exist: {source}")
+    count = 0
+    for item in sorted(source.iterdir()):
+        (target / item.name).symlink_to(item.resolve(), target_is_directory=item.is_dir())
+        count += sum(1 for f in item.rglob("*") if f.is_file()) if item.is_dir() else 1
+    return count
+
+
+def _run_entrypoint(name: str, env: dict, timeout: float) -> tuple[int | None, str]:
+    """Run the entrypoint, streaming stdout lines to LISTENERS; (exit code or None when it
+    ran past `timeout` and was killed, output tail)."""
+    tail: deque[str] = deque(maxlen=200)
+    with tempfile.TemporaryFile(mode="w+") as errors:
+        proc = subprocess.Popen([sys.executable, str(entrypoint())], env=env, stdout=subprocess.PIPE,
+                                stderr=errors, text=True, bufsize=1)
+
+        def pump() -> None:
+            for line in proc.stdout:
+                tail.append(line)
+                for listener in list(LISTENERS):
+                    with contextlib.suppress(Exception):  # a display problem never fails the job
+                        listener(name, line.rstrip("\n"))
+
+        reader = threading.Thread(target=pump, name=f"{name}-stdout", daemon=True)
+        reader.start()
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            code = None
+        reader.join(timeout=5)
+        errors.seek(0)
+        return code, ("".join(tail) + errors.read())[-2000:]
 
 
 def entrypoint() -> Path:
@@ -110,12 +163,8 @@ def run_training_job(request: dict, s3=None) -> dict:
             env[f"SM_CHANNEL_{cname.upper()}"] = str(folder)
 
         t0 = time.monotonic()
-        try:
-            proc = subprocess.run([sys.executable, str(entrypoint())], env=env, capture_output=True,
-                                  text=True, timeout=max_runtime, check=False)
-            code, tail = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
-        except subprocess.TimeoutExpired:
-            code, tail = -1, "MaxRuntimeInSeconds exceeded"
+        code, tail = _run_entrypoint(name, env, max_runtime)
+        if code is None:
             (root / "output" / "failure").write_text("Training job reached the stopping condition")
         seconds = max(1, round(time.monotonic() - t0))
         if code != 0:

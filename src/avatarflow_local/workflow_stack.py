@@ -19,6 +19,7 @@ import yaml
 
 from avatarflow_local import training_job
 from avatarflow_local.functions import REPO_ROOT
+from avatarflow_local.lambda_hook import function_name_of
 
 TEMPLATE = REPO_ROOT / "template.yaml"
 DEFINITION = REPO_ROOT / "statemachines" / "train_avatar.asl.json"
@@ -132,16 +133,250 @@ def create_training_stack(bucket: str = "avatarflow-local", name: str = "avatarf
     s3 = boto3.client("s3", region_name=REGION)
     s3.create_bucket(Bucket=bucket)
     table = f"{name}-models"
-    boto3.client("dynamodb", region_name=REGION).create_table(
-        TableName=table, BillingMode="PAY_PER_REQUEST",
-        KeySchema=[{"AttributeName": "user_id", "KeyType": "HASH"},
-                   {"AttributeName": "version", "KeyType": "RANGE"}],
-        AttributeDefinitions=[{"AttributeName": "user_id", "AttributeType": "S"},
-                              {"AttributeName": "version", "AttributeType": "S"}],
-    )
+    _create_table(boto3.client("dynamodb", region_name=REGION), table,
+                  load_template()["Resources"]["ModelsTable"]["Properties"])
     topic_arn = boto3.client("sns", region_name=REGION).create_topic(Name=f"{name}-notifications")["TopicArn"]
     subs = local_substitutions(bucket, table, topic_arn, **overrides)
     arn = boto3.client("stepfunctions", region_name=REGION).create_state_machine(
         name=name, definition=render_definition(subs), roleArn=f"arn:aws:iam::{ACCOUNT}:role/{name}",
     )["stateMachineArn"]
     return TrainingStack(bucket, table, topic_arn, arn, subs)
+
+
+# --------------------------------------------------------------------------- the whole stack
+# The local runtime creates every resource the handlers touch from the template's own
+# declarations (table keys and indexes, queue redrive, bucket notifications, topics,
+# function environments and event sources), so a change to template.yaml shows up locally.
+
+PSEUDO_PARAMETERS = {"AWS::AccountId": ACCOUNT, "AWS::Region": REGION, "AWS::Partition": "aws",
+                     "AWS::URLSuffix": "amazonaws.com"}
+
+
+class TemplateResolver:
+    """Resolves the intrinsic functions the local runtime needs (Ref, Fn::GetAtt, Fn::Sub)
+    against local physical ids: `physical[logical_id]` = {"Ref": ..., "Arn": ..., ...}."""
+
+    def __init__(self, template: dict, stack_name: str, parameters: dict[str, str] | None = None):
+        self.template = template
+        self.stack_name = stack_name
+        self.parameters = {name: str(spec.get("Default", "")) for name, spec in
+                           template.get("Parameters", {}).items()}
+        self.parameters.update(parameters or {})
+        self.physical: dict[str, dict[str, str]] = {}
+
+    def ref(self, name: str) -> str:
+        if name == "AWS::StackName":
+            return self.stack_name
+        if name in PSEUDO_PARAMETERS:
+            return PSEUDO_PARAMETERS[name]
+        if name in self.parameters:
+            return self.parameters[name]
+        if name in self.physical and "Ref" in self.physical[name]:
+            return self.physical[name]["Ref"]
+        raise KeyError(f"no local value for Ref {name}")
+
+    def get_att(self, logical_id: str, attribute: str) -> str:
+        try:
+            return self.physical[logical_id][attribute]
+        except KeyError:
+            raise KeyError(f"no local value for {logical_id}.{attribute}") from None
+
+    def _sub(self, text: str, variables: dict) -> str:
+        def one(match: re.Match) -> str:
+            name = match.group(1)
+            if name in variables:
+                return str(self.resolve(variables[name]))
+            if "." in name and not name.startswith("AWS::"):
+                return self.get_att(*name.split(".", 1))
+            return self.ref(name)
+
+        return re.sub(r"\$\{([A-Za-z0-9_:.]+)\}", one, text)
+
+    def resolve(self, value):
+        if isinstance(value, dict) and len(value) == 1:
+            (fn, arg), = value.items()
+            if fn == "Ref":
+                return self.ref(arg)
+            if fn == "Fn::GetAtt":
+                return self.get_att(*(arg if isinstance(arg, list) else arg.split(".", 1)))
+            if fn == "Fn::Sub":
+                text, variables = (arg, {}) if isinstance(arg, str) else (arg[0], arg[1])
+                return self._sub(text, variables)
+        if isinstance(value, dict):
+            if any(k.startswith("Fn::") for k in value):
+                raise KeyError(f"intrinsic not supported locally: {sorted(value)}")
+            return {k: self.resolve(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.resolve(v) for v in value]
+        return value
+
+
+@dataclass
+class EventSource:
+    """A function's `Events` entry of type SQS or SNS, resolved (queue URL / topic ARN)."""
+
+    function: str  # functions/<folder>
+    kind: str  # "SQS" | "SNS"
+    source_arn: str
+    queue_url: str | None = None
+    batch_size: int = 10
+    batching_window_s: float = 0.0
+    report_batch_item_failures: bool = False
+
+
+@dataclass
+class HttpRoute:
+    method: str
+    path: str  # /users/{user_id}/generations
+
+
+@dataclass
+class LocalStackResources:
+    stack_name: str
+    bucket: str
+    models_table: str
+    generations_table: str
+    topic_arn: str
+    inference_success_topic: str
+    inference_error_topic: str
+    upload_queue_url: str
+    state_machine_arn: str
+    endpoint_name: str
+    substitutions: dict
+    function_env: dict[str, dict[str, str]]
+    event_sources: list[EventSource]
+    http_routes: list[HttpRoute]
+    cors: dict
+    physical: dict
+
+
+def _resources_of(template: dict, kind: str) -> dict[str, dict]:
+    return {lid: res for lid, res in template["Resources"].items() if res["Type"] == kind and
+            "Condition" not in res}
+
+
+def _create_table(ddb, name: str, props: dict) -> None:
+    args = {"TableName": name, "BillingMode": props.get("BillingMode", "PAY_PER_REQUEST"),
+            "KeySchema": props["KeySchema"], "AttributeDefinitions": props["AttributeDefinitions"]}
+    if props.get("GlobalSecondaryIndexes"):
+        args["GlobalSecondaryIndexes"] = props["GlobalSecondaryIndexes"]
+    ddb.create_table(**args)
+    ttl = props.get("TimeToLiveSpecification")
+    if ttl and ttl.get("Enabled"):
+        ddb.update_time_to_live(TableName=name, TimeToLiveSpecification={
+            "AttributeName": ttl["AttributeName"], "Enabled": True})
+
+
+def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[str, str] | None = None,
+                       **substitution_overrides: str) -> LocalStackResources:
+    """Every resource of template.yaml that the handlers, the state machine and the local
+    stand-ins use, created against the AWS endpoint boto3 is pointed at (moto)."""
+    template = load_template()
+    res = TemplateResolver(template, stack_name, parameters)
+    phys = res.physical
+    arn = f"{REGION}:{ACCOUNT}"
+
+    ddb = boto3.client("dynamodb", region_name=REGION)
+    for lid, spec in _resources_of(template, "AWS::DynamoDB::Table").items():
+        name = f"{stack_name}-{lid}"
+        _create_table(ddb, name, spec["Properties"])
+        phys[lid] = {"Ref": name, "Arn": f"arn:aws:dynamodb:{arn}:table/{name}"}
+
+    sns = boto3.client("sns", region_name=REGION)
+    for lid in _resources_of(template, "AWS::SNS::Topic"):
+        topic = sns.create_topic(Name=f"{stack_name}-{lid}")["TopicArn"]
+        phys[lid] = {"Ref": topic, "TopicArn": topic, "TopicName": topic.rsplit(":", 1)[1]}
+
+    sqs = boto3.client("sqs", region_name=REGION)
+    queues = _resources_of(template, "AWS::SQS::Queue")
+    # Dead-letter queues first: the others name them in their RedrivePolicy.
+    for lid, spec in sorted(queues.items(), key=lambda kv: "RedrivePolicy" in kv[1].get("Properties", {})):
+        props = spec.get("Properties", {})
+        attrs = {k: str(props[k]) for k in ("VisibilityTimeout", "MessageRetentionPeriod") if k in props}
+        if "RedrivePolicy" in props:
+            attrs["RedrivePolicy"] = json.dumps(res.resolve(props["RedrivePolicy"]))
+        url = sqs.create_queue(QueueName=f"{stack_name}-{lid}", Attributes=attrs)["QueueUrl"]
+        qarn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        phys[lid] = {"Ref": url, "Arn": qarn, "QueueName": f"{stack_name}-{lid}"}
+
+    (bucket_lid, bucket_spec), = _resources_of(template, "AWS::S3::Bucket").items()
+    bprops = bucket_spec["Properties"]
+    bucket = res.resolve(bprops["BucketName"])
+    phys[bucket_lid] = {"Ref": bucket, "Arn": f"arn:aws:s3:::{bucket}"}
+
+    for lid, spec in template["Resources"].items():
+        kind = spec["Type"]
+        if kind == "AWS::Serverless::Function":
+            folder = function_folder(template, lid)
+            phys[lid] = {"Ref": folder, "Arn": lambda_arn(folder)}
+        elif kind == "AWS::IAM::Role":
+            phys[lid] = {"Arn": f"arn:aws:iam::{ACCOUNT}:role/{stack_name}-{lid}"}
+        elif kind == "AWS::SageMaker::Endpoint":
+            name = f"{stack_name}-{lid}"
+            phys[lid] = {"Ref": f"arn:aws:sagemaker:{arn}:endpoint/{name.lower()}", "EndpointName": name}
+
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket=bucket)
+    if bprops.get("VersioningConfiguration", {}).get("Status") == "Enabled":
+        s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    queue_configs = []
+    for conf in bprops.get("NotificationConfiguration", {}).get("QueueConfigurations", []):
+        rules = conf.get("Filter", {}).get("S3Key", {}).get("Rules", [])
+        entry = {"QueueArn": res.resolve(conf["Queue"]), "Events": [conf["Event"]]}
+        if rules:
+            filter_rules = [{"Name": r["Name"], "Value": r["Value"]} for r in rules]
+            entry["Filter"] = {"Key": {"FilterRules": filter_rules}}
+        queue_configs.append(entry)
+    if queue_configs:
+        s3.put_bucket_notification_configuration(
+            Bucket=bucket, NotificationConfiguration={"QueueConfigurations": queue_configs})
+
+    machine = template["Resources"][STATE_MACHINE]["Properties"]
+    machine_name = res.resolve(machine["Name"])
+    subs = local_substitutions(bucket, phys["ModelsTable"]["Ref"], phys["NotificationTopic"]["Ref"],
+                               **substitution_overrides)
+    machine_arn = boto3.client("stepfunctions", region_name=REGION).create_state_machine(
+        name=machine_name, definition=render_definition(subs),
+        roleArn=f"arn:aws:iam::{ACCOUNT}:role/{stack_name}-{STATE_MACHINE}",
+    )["stateMachineArn"]
+    phys[STATE_MACHINE] = {"Ref": machine_arn, "Name": machine_name}
+
+    function_env, sources, routes, cors = {}, [], [], {}
+    for lid, spec in _resources_of(template, "AWS::Serverless::Function").items():
+        folder = function_folder(template, lid)
+        variables = spec["Properties"].get("Environment", {}).get("Variables", {})
+        function_env[folder] = {k: str(res.resolve(v)) for k, v in variables.items()}
+        for event in spec["Properties"].get("Events", {}).values():
+            props = event.get("Properties", {})
+            if event["Type"] == "SQS":
+                queue_arn = res.resolve(props["Queue"])
+                url = next(p["Ref"] for p in phys.values() if p.get("Arn") == queue_arn)
+                sources.append(EventSource(
+                    folder, "SQS", queue_arn, url, int(props.get("BatchSize", 10)),
+                    float(props.get("MaximumBatchingWindowInSeconds", 0)),
+                    "ReportBatchItemFailures" in props.get("FunctionResponseTypes", [])))
+            elif event["Type"] == "SNS":
+                sources.append(EventSource(folder, "SNS", res.resolve(props["Topic"])))
+            elif event["Type"] == "HttpApi":
+                routes.append(HttpRoute(props["Method"].upper(), props["Path"]))
+    for spec in _resources_of(template, "AWS::Lambda::EventSourceMapping").values():
+        props = res.resolve(spec["Properties"])
+        url = next((p["Ref"] for p in phys.values() if p.get("Arn") == props["EventSourceArn"]), None)
+        if url is None or not url.startswith("http"):
+            raise KeyError(f"only SQS event source mappings run locally: {props['EventSourceArn']}")
+        sources.append(EventSource(
+            function_name_of(props["FunctionName"]), "SQS", props["EventSourceArn"], url,
+            int(props.get("BatchSize", 10)), float(props.get("MaximumBatchingWindowInSeconds", 0)),
+            "ReportBatchItemFailures" in props.get("FunctionResponseTypes", [])))
+    for spec in _resources_of(template, "AWS::Serverless::HttpApi").values():
+        cors = res.resolve(spec["Properties"].get("CorsConfiguration", {}))
+
+    return LocalStackResources(
+        stack_name=stack_name, bucket=bucket, models_table=phys["ModelsTable"]["Ref"],
+        generations_table=phys["GenerationsTable"]["Ref"], topic_arn=phys["NotificationTopic"]["Ref"],
+        inference_success_topic=phys["InferenceSuccessTopic"]["Ref"],
+        inference_error_topic=phys["InferenceErrorTopic"]["Ref"],
+        upload_queue_url=phys["UploadQueue"]["Ref"], state_machine_arn=machine_arn,
+        endpoint_name=phys["InferenceEndpoint"]["EndpointName"], substitutions=subs,
+        function_env=function_env, event_sources=sources, http_routes=routes, cors=cors, physical=phys,
+    )

@@ -1,0 +1,248 @@
+"""The local runtime end to end: the real template resources, ASL, handlers, training
+entrypoint and inference container code on 127.0.0.1, driven the way a user drives it
+(S3 uploads, the HTTP API, the AWS CLI). Tiny model, few steps, 64 px."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import boto3
+import pytest
+from PIL import Image
+
+from avatarflow import keys
+from avatarflow.sample_photos import one_person_batch, photo_bytes
+from avatarflow_local.runtime import LocalRuntime, Settings
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def call(method, url, token=None, body=None):
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(
+        url, method=method, headers=headers, data=json.dumps(body).encode() if body is not None else None
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def wait_generation(api, user, token, generation_id, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status, body = call("GET", f"{api}/users/{user}/generations/{generation_id}", token)
+        assert status == 200, body
+        if body["status"] != "PENDING":
+            return body
+        time.sleep(0.2)
+    raise AssertionError("generation still PENDING")
+
+
+def fetch_png(url):
+    with urllib.request.urlopen(url, timeout=30) as response:
+        data = response.read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return Image.open(__import__("io").BytesIO(data))
+
+
+def test_in_process_stack_upload_to_model_ready_to_generation(tmp_path):
+    user, batch = "ada", "b1"
+    settings = Settings(out_dir=tmp_path / "out", train_steps=3, progress=False)
+    with LocalRuntime(settings) as rt:
+        s3 = rt.client("s3")
+        photos = [
+            *one_person_batch(8),
+            ("coffee.jpg", photo_bytes("coffee")),
+            ("someone_else.jpg", photo_bytes("astronaut")),
+        ]
+        prefix = keys.upload_prefix(user, batch)
+        for name, data in photos:
+            s3.put_object(Bucket=rt.bucket, Key=prefix + name, Body=data)
+        s3.put_object(Bucket=rt.bucket, Key=prefix + "request.json", Body=b'{"email": "ada@example.com"}')
+
+        desc = rt.wait_for_execution(user, batch, timeout=120)
+        assert desc["status"] == "SUCCEEDED", desc
+
+        # Objects: 8 crops (the coffee cup and the other person rejected), the adapter.
+        def listed(p):
+            contents = s3.list_objects_v2(Bucket=rt.bucket, Prefix=p).get("Contents", [])
+            return sorted(o["Key"] for o in contents)
+
+        assert len(listed(keys.dataset_prefix(user, batch) + "images/")) == 8
+        manifest = json.loads(
+            s3.get_object(Bucket=rt.bucket, Key=keys.manifest_key(user, batch))["Body"].read()
+        )
+        reasons = {p["name"]: p["reason"] for p in manifest["photos"] if p["reason"]}
+        assert reasons == {"coffee.jpg": "no_face", "someone_else.jpg": "different_person"}
+        assert listed(keys.model_prefix(user, batch)) == [
+            keys.model_prefix(user, batch) + keys.ADAPTER_CONFIG,
+            keys.model_prefix(user, batch) + keys.ADAPTER_WEIGHTS,
+        ]
+        # Row: READY in the registry table the template declares.
+        ddb = boto3.resource("dynamodb", endpoint_url=rt.endpoint_url, region_name="us-east-1")
+        row = ddb.Table(rt.resources.models_table).get_item(Key={"user_id": user, "version": batch})["Item"]
+        assert row["status"] == "READY"
+        # Email: the SNS email subscription from request.json, written out as .eml and .txt.
+        deadline = time.time() + 10
+        while not list(rt.mail_dir.glob("*MODEL_READY*.eml")) and time.time() < deadline:
+            time.sleep(0.1)
+        (eml,) = rt.mail_dir.glob("*MODEL_READY*.eml")
+        text = eml.read_text()
+        assert "To: ada@example.com" in text and f"POST /users/{user}/generations" in text
+        assert eml.with_suffix(".txt").is_file()
+
+        # The API over HTTP: API Gateway's auth first, then the function's own checks.
+        api, token = rt.api_url, rt.token(user)
+        assert call("GET", f"{api}/users/{user}/models")[0] == 401
+        assert call("GET", f"{api}/users/{user}/models", token="local.forged.token")[0] == 401
+        assert call("GET", f"{api}/users/{user}/models", rt.token("eve"))[0] == 403
+        assert call("GET", f"{api}/nowhere", token)[0] == 404
+        status, models = call("GET", f"{api}/users/{user}/models", token)
+        assert status == 200 and models["latest_ready"] == batch
+        status, queued = call(
+            "POST",
+            f"{api}/users/{user}/generations",
+            token,
+            {"prompt": "portrait of sks person", "num_images": 2, "steps": 3, "seed": 5},
+        )
+        assert status == 202, queued
+        assert queued["status_url"].startswith(f"{api}/users/{user}/generations/")
+        done = wait_generation(api, user, token, queued["generation_id"])
+        assert done["status"] == "COMPLETED", done
+        assert [i["seed"] for i in done["images"]] == [5, 6]
+        for image in done["images"]:
+            assert fetch_png(image["url"]).size == (64, 64)
+        gen_row = ddb.Table(rt.resources.generations_table).get_item(
+            Key={"generation_id": queued["generation_id"]}
+        )["Item"]
+        assert gen_row["status"] == "COMPLETED" and gen_row["output_location"].startswith(
+            f"s3://{rt.bucket}/{keys.ASYNC_OUTPUT}"
+        )
+        assert len(listed(keys.generation_prefix(user, queued["generation_id"]))) == 3  # 2 PNG + result.json
+
+        # A bad model version is refused by the API; a failing invocation reaches FAILED via the error topic.
+        assert (
+            call(
+                "POST",
+                f"{api}/users/{user}/generations",
+                token,
+                {"prompt": "sks person", "model_version": "nope"},
+            )[0]
+            == 404
+        )
+    # Stopped: the environment is restored, nothing listens any more.
+    assert "AWS_ENDPOINT_URL" not in os.environ or os.environ["AWS_ENDPOINT_URL"] != rt.endpoint_url
+
+
+def test_up_server_with_the_aws_cli_and_plain_http(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for name in ("AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        env.pop(name, None)
+    log = (tmp_path / "up.log").open("w")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "avatarflow_local",
+            "up",
+            "--port",
+            "0",
+            "--api-port",
+            "0",
+            "--out",
+            str(out),
+            "--user",
+            "grace",
+            "--steps",
+            "3",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        info_path = out / "local-stack.json"
+        deadline = time.time() + 60
+        while not info_path.is_file():
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+            assert time.time() < deadline, "up did not start"
+            time.sleep(0.2)
+        time.sleep(0.2)
+        info = json.loads(info_path.read_text())
+        assert oct(info_path.stat().st_mode & 0o777) == "0o600"
+
+        photos = tmp_path / "photos"
+        photos.mkdir()
+        for name, data in one_person_batch(8):
+            (photos / name).write_bytes(data)
+        (photos / "request.json").write_text('{"email": "grace@example.com"}')
+        cli_env = dict(
+            env, AWS_ACCESS_KEY_ID="local", AWS_SECRET_ACCESS_KEY="local", AWS_DEFAULT_REGION="us-east-1"
+        )
+        aws = [str(REPO / ".venv" / "bin" / "aws"), "--endpoint-url", info["aws_endpoint_url"]]
+        done = subprocess.run(
+            [*aws, "s3", "cp", str(photos), f"s3://{info['bucket']}/uploads/grace/batch1/", "--recursive"],
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count("upload:") == 9
+
+        api, token = info["api_url"], info["tokens"]["grace"]
+        deadline = time.time() + 120
+        while True:
+            status, models = call("GET", f"{api}/users/grace/models", token)
+            assert status == 200, models
+            if models["latest_ready"] == "batch1":
+                break
+            assert time.time() < deadline, (tmp_path / "up.log").read_text()[-3000:]
+            time.sleep(0.5)
+        status, queued = call(
+            "POST",
+            f"{api}/users/grace/generations",
+            token,
+            {"prompt": "sks person smiling", "num_images": 1, "steps": 2, "seed": 1},
+        )
+        assert status == 202, queued
+        finished = wait_generation(api, "grace", token, queued["generation_id"])
+        assert finished["status"] == "COMPLETED"
+        assert fetch_png(finished["images"][0]["url"]).size == (64, 64)
+
+        listing = subprocess.run(
+            [*aws, "s3", "ls", f"s3://{info['bucket']}/models/grace/batch1/"],
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert keys.ADAPTER_WEIGHTS in listing.stdout
+        deadline = time.time() + 10
+        while not list((out / "mail").glob("*MODEL_READY*grace*.eml")) and time.time() < deadline:
+            time.sleep(0.2)
+        assert list((out / "mail").glob("*MODEL_READY*grace*.eml"))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        log.close()
+    assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
+    assert "stopped" in (tmp_path / "up.log").read_text()
+    assert not (out / "local-stack.json").exists()

@@ -25,6 +25,7 @@ import os
 import threading
 import time
 import urllib.request
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,8 @@ class LocalRuntime:
         s = self.settings
         t0 = time.monotonic()
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        # Metrics are off unless --verbose; Powertools then warns on every invocation.
+        warnings.filterwarnings("ignore", message="No application metrics to publish")
         self._setenv(
             AWS_ACCESS_KEY_ID="local",
             AWS_SECRET_ACCESS_KEY="local",  # noqa: S106 - moto's fake credentials

@@ -6,6 +6,8 @@ template's CorsConfiguration, and the JWT authorizer is played by a local dev to
 signed token whose claims become `requestContext.authorizer.jwt.claims`. The signing key is
 random per run (printed tokens stop working when the stack stops); nothing secret is in
 the repository. Missing or bad token: 401 `{"message": "Unauthorized"}`, as API Gateway.
+The stage's route throttling (the template's DefaultRouteSettings rate and burst) is a
+token bucket: over it, 429 `{"message": "Too Many Requests"}` before the Lambda runs.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
 from avatarflow.ids import validate_id
-from avatarflow_local.workflow_stack import ACCOUNT, HttpRoute
+from avatarflow_local.workflow_stack import ACCOUNT, HttpRoute, Throttle
 
 LOG = logging.getLogger(__name__)
 MAX_BODY_BYTES = 10 * 1024 * 1024  # API Gateway's payload limit
@@ -75,6 +77,28 @@ class DevTokens:
         return {k: str(v) for k, v in claims.items()}  # API Gateway passes claims as strings
 
 
+class TokenBucket:
+    """API Gateway's throttling algorithm: `burst` tokens, refilled at `rate` per second;
+    a request takes one or is refused. One bucket per stage, as DefaultRouteSettings
+    applies the same limit to every route (the local API has one stage)."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self.rate, self.burst, self.clock = float(rate), int(burst), clock
+        self._tokens = float(burst)
+        self._at = clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = self.clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return True
+            return False
+
+
 def _route_pattern(path: str) -> re.Pattern:
     return re.compile("^" + re.sub(r"\\\{([A-Za-z0-9_]+)\\\}", r"(?P<\1>[^/]+)", re.escape(path)) + "$")
 
@@ -90,6 +114,7 @@ class HttpApi:
         *,
         function: str = "api",
         cors: dict | None = None,
+        throttle: Throttle | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ):
@@ -98,6 +123,7 @@ class HttpApi:
         self.tokens = tokens
         self.function = function
         self.cors = cors or {}
+        self.bucket = TokenBucket(throttle.rate, throttle.burst) if throttle else None
         self.server = ThreadingHTTPServer((host, port), self._handler_class())
         self.server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -242,6 +268,11 @@ class HttpApi:
                 matched = api.match(self.command, split.path)
                 if matched is None:
                     self._json(404, {"message": "Not Found"}, cors)
+                    return
+                # Throttled before the token is checked: a flood (bad tokens included) is
+                # refused cheaply and never reaches the verifier or the Lambda.
+                if api.bucket is not None and not api.bucket.take():
+                    self._json(429, {"message": "Too Many Requests"}, cors)
                     return
                 auth = headers.get("authorization", "")
                 token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""

@@ -284,6 +284,7 @@ class LocalRuntime:
             self.hook.invoke,
             self.tokens,
             cors=r.cors,
+            throttle=r.throttle,
             host=s.host,
             port=s.api_port,
         ).start()

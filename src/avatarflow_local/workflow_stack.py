@@ -231,6 +231,27 @@ class HttpRoute:
 
 
 @dataclass
+class Throttle:
+    """An HTTP API stage's DefaultRouteSettings throttling: steady requests/s and burst."""
+
+    rate: float
+    burst: int
+
+
+def http_api_throttle(template: dict | None = None,
+                      parameters: dict[str, str] | None = None) -> Throttle | None:
+    """The template's HttpApi DefaultRouteSettings throttling (parameters resolved: their
+    defaults unless given), or None when the API declares none."""
+    template = template or load_template()
+    res = TemplateResolver(template, "throttle", parameters)
+    for spec in _resources_of(template, "AWS::Serverless::HttpApi").values():
+        route = res.resolve(spec["Properties"].get("DefaultRouteSettings", {}))
+        if "ThrottlingRateLimit" in route or "ThrottlingBurstLimit" in route:
+            return Throttle(float(route["ThrottlingRateLimit"]), int(route["ThrottlingBurstLimit"]))
+    return None
+
+
+@dataclass
 class LocalStackResources:
     stack_name: str
     bucket: str
@@ -248,6 +269,7 @@ class LocalStackResources:
     http_routes: list[HttpRoute]
     cors: dict
     physical: dict
+    throttle: Throttle | None = None
 
 
 def _resources_of(template: dict, kind: str) -> dict[str, dict]:
@@ -379,4 +401,5 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
         upload_queue_url=phys["UploadQueue"]["Ref"], state_machine_arn=machine_arn,
         endpoint_name=phys["InferenceEndpoint"]["EndpointName"], substitutions=subs,
         function_env=function_env, event_sources=sources, http_routes=routes, cors=cors, physical=phys,
+        throttle=http_api_throttle(template, parameters),
     )

@@ -1,5 +1,5 @@
 """Faults in the training workflow: the real ASL in moto, the real handlers, the local
-training stand-in (the machinery of tests/test_workflow.py, imported, not copied).
+training stand-in (tests/workflow_harness.py, shared with tests/test_workflow.py).
 
 tests/test_workflow.py already covers a Failed training job, transient Lambda errors
 (retried) and redelivered/duplicate S3 events. Here: a job stopped at its stopping
@@ -12,8 +12,7 @@ import json
 import boto3
 import botocore.awsrequest
 import pytest
-import test_workflow
-from test_workflow import (
+from workflow_harness import (
     USER,
     deliver,
     executions,
@@ -33,10 +32,6 @@ from avatarflow.workflow import execution_name
 from avatarflow_local import training_job
 
 pytestmark = pytest.mark.slow
-
-# The workflow tests' fixtures (moto with the real state machine, the tiny base model).
-aws = test_workflow.aws
-tiny_model = test_workflow.tiny_model
 
 
 def assert_nothing_half_written(aws):

@@ -15,6 +15,7 @@ from pathlib import Path
 import boto3
 import pytest
 from PIL import Image
+from workflow_harness import call, wait_generation
 
 from avatarflow import keys
 from avatarflow.sample_photos import one_person_batch, photo_bytes
@@ -22,31 +23,6 @@ from avatarflow_local.runtime import LocalRuntime, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def call(method, url, token=None, body=None):
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(
-        url, method=method, headers=headers, data=json.dumps(body).encode() if body is not None else None
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read() or b"{}")
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
-def wait_generation(api, user, token, generation_id, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status, body = call("GET", f"{api}/users/{user}/generations/{generation_id}", token)
-        assert status == 200, body
-        if body["status"] != "PENDING":
-            return body
-        time.sleep(0.2)
-    raise AssertionError("generation still PENDING")
 
 
 def fetch_png(url):

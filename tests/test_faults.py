@@ -14,6 +14,7 @@ import botocore.awsrequest
 import pytest
 from workflow_harness import (
     USER,
+    call,
     deliver,
     executions,
     failure_of,
@@ -24,12 +25,15 @@ from workflow_harness import (
     s3_event,
     upload,
     wait_done,
+    wait_generation,
 )
 
 from avatarflow import keys
 from avatarflow.sample_photos import one_person_batch
 from avatarflow.workflow import execution_name
 from avatarflow_local import training_job
+from avatarflow_local.runtime import LocalRuntime, Settings
+from avatarflow_local.workflow_stack import render_definition
 
 pytestmark = pytest.mark.slow
 
@@ -125,3 +129,62 @@ def test_two_batches_of_one_user_at_once(aws, handler_of, lambda_context):
     got = messages(aws) + messages(aws)
     assert sorted(m["event"] for m in got) == ["MODEL_READY", "MODEL_READY"]
     assert all(m["user_id"] == USER for m in got)
+
+
+def test_spot_reclaim_resumes_from_the_checkpoint_in_one_job(aws, handler_of, lambda_context, monkeypatch):
+    """Managed spot on (the template's UseSpotTraining=true with its Spot stopping condition);
+    the instance is reclaimed (SIGKILL) right after a checkpoint; the stand-in starts the job
+    again with the same checkpoints, as SageMaker restores CheckpointConfig.S3Uri: one job,
+    MODEL_READY, and the adapter says it resumed. The ASL checkpoints every 100 steps and
+    always at the last one, so with the tiny 2 steps the reclaim lands after the final
+    checkpoint (mid-run resume of the training module: tests/test_training.py)."""
+    subs = {**aws["stack"].substitutions, "UseSpotTraining": "true",
+            "StoppingConditionJson": '{\\"MaxRuntimeInSeconds\\": 600, \\"MaxWaitTimeInSeconds\\": 1200}'}
+    aws["sfn"].update_state_machine(stateMachineArn=aws["stack"].state_machine_arn,
+                                    definition=render_definition(subs))
+    steps = int(subs["TrainingSteps"])
+    monkeypatch.setenv(training_job.SPOT_RECLAIM_ENV, str(steps))
+    arn, desc = run_batch(aws, handler_of, lambda_context, "s4", one_person_batch(8))
+    assert desc["status"] == "SUCCEEDED", failure_of(aws, arn)
+    (job,) = aws["jobs"]()  # one job, not two
+    assert job["status"] == "Completed" and job["spot_interruptions"] == 1
+    assert job["managed_spot"] is True  # the request as the ASL rendered it
+    rows = assert_nothing_half_written(aws)
+    assert rows["s4"]["status"] == "READY"
+    key = keys.model_prefix(USER, "s4") + keys.ADAPTER_CONFIG
+    adapter = json.loads(aws["s3"].get_object(Bucket=aws["stack"].bucket, Key=key)["Body"].read())
+    assert adapter["resumed_from_step"] == steps and adapter["steps"] == steps
+    assert [m["event"] for m in messages(aws)] == ["MODEL_READY"]
+
+
+def test_async_inference_error_notice_marks_the_generation_failed(tmp_path):
+    """The registry says READY but the adapter object is gone (deleted after registration):
+    the local async endpoint runs the inference container, which answers 404
+    model_not_found; the error notice goes to the error topic, on_generation_done marks the
+    generation FAILED, and GET shows why. No image is written under generations/."""
+    with LocalRuntime(Settings(out_dir=tmp_path / "out")) as rt:
+        version = "gone1"
+        prefix = keys.model_prefix(USER, version)
+        now = "2025-01-01T00:00:00+00:00"
+        # The row register_model writes; the adapter files it names are not in S3.
+        rt.client("dynamodb").put_item(TableName=rt.resources.models_table, Item={
+            "user_id": {"S": USER}, "version": {"S": version}, "status": {"S": "READY"},
+            "batch_id": {"S": version}, "model_prefix": {"S": prefix},
+            "adapter_key": {"S": prefix + keys.ADAPTER_WEIGHTS},
+            "adapter_config_key": {"S": prefix + keys.ADAPTER_CONFIG},
+            "created_at": {"S": now}, "updated_at": {"S": now}})
+        token = rt.token(USER)
+        status, queued = call("POST", f"{rt.api_url}/users/{USER}/generations", token,
+                              {"prompt": "a portrait of sks person", "num_images": 1, "steps": 1,
+                               "width": 64, "height": 64})
+        assert status == 202, queued
+        done = wait_generation(rt.api_url, USER, token, queued["generation_id"], timeout=60)
+        assert done["status"] == "FAILED", done
+        assert "model_not_found" in done["error"] and "(404)" in done["error"], done
+        assert "images" not in done
+        assert [status for _, status in rt.endpoint.done] == [404]
+        s3 = rt.client("s3")
+        images = keys.generation_prefix(USER, queued["generation_id"])
+        assert s3.list_objects_v2(Bucket=rt.bucket, Prefix=images).get("KeyCount", 0) == 0
+        failures = s3.list_objects_v2(Bucket=rt.bucket, Prefix=keys.ASYNC_FAILURES).get("Contents", [])
+        assert len(failures) == 1  # the endpoint's failure body, where FailureLocation says

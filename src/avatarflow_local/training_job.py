@@ -14,6 +14,14 @@ here, which does what SageMaker would:
   4. returns a DescribeTrainingJob-shaped result, or raises TrainingJobFailed with the
      job's output/failure text (the .sync task fails the same way on AWS).
 
+Managed spot (EnableManagedSpotTraining): a spot reclaim kills the instance; SageMaker
+starts the job again on a new one with CheckpointConfig's S3 checkpoints restored to
+/opt/ml/checkpoints, and the job stays one job. The stand-in can play one reclaim per job:
+with AVATARFLOW_LOCAL_SPOT_RECLAIM_AFTER_STEP=N in its environment, the first run is
+SIGKILLed right after step N's checkpoint (the training module's AVATARFLOW_KILL_AFTER_STEP
+hook), then run again with the same checkpoints/ and fresh model/ and output/. Any other
+death fails the job, as on SageMaker (only reclaims are retried).
+
 The job's stdout is read line by line while it runs: every callable in LISTENERS gets
 (job name, line), which is how the local runtime draws a progress bar from the
 `step=N loss=...` metric lines.
@@ -24,6 +32,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -42,9 +52,12 @@ from avatarflow_local.functions import REPO_ROOT
 
 FUNCTION_NAME = "avatarflow-local-training-job"
 ENTRYPOINT_ENV = "AVATARFLOW_TRAINING_ENTRYPOINT"
+SPOT_RECLAIM_ENV = "AVATARFLOW_LOCAL_SPOT_RECLAIM_AFTER_STEP"
+KILL_AFTER_STEP_ENV = "AVATARFLOW_KILL_AFTER_STEP"  # containers/training/train_dreambooth_lora.py
 DEFAULT_ENTRYPOINT = REPO_ROOT / "containers" / "training" / "train"
 
-# Every job this process ran, in order: {"name", "status", "hyperparameters", "inputs"}.
+# Every job this process ran, in order: {"name", "status", "hyperparameters", "inputs",
+# "managed_spot", "spot_interruptions"}.
 JOBS: list[dict] = []
 _jobs_lock = threading.Lock()
 
@@ -137,9 +150,16 @@ def run_training_job(request: dict, s3=None) -> dict:
         raise InvalidTrainingJobRequest("HyperParameters values must be strings")
     s3 = s3 or boto3.client("s3")
     output_bucket, output_prefix = _s3_uri(request["OutputDataConfig"]["S3OutputPath"])
-    max_runtime = int(request.get("StoppingCondition", {}).get("MaxRuntimeInSeconds", 86400))
+    stopping = request.get("StoppingCondition", {})
+    max_runtime = int(stopping.get("MaxRuntimeInSeconds", 86400))
+    spot = request.get("EnableManagedSpotTraining") is True
+    if spot and int(stopping.get("MaxWaitTimeInSeconds", 0)) < max_runtime:
+        raise InvalidTrainingJobRequest(
+            "managed spot training needs MaxWaitTimeInSeconds >= MaxRuntimeInSeconds")
+    reclaim_after = os.environ.get(SPOT_RECLAIM_ENV, "") if spot else ""
     started = datetime.now(UTC)
-    record = {"name": name, "status": "InProgress", "hyperparameters": dict(hyperparameters), "inputs": {}}
+    record = {"name": name, "status": "InProgress", "hyperparameters": dict(hyperparameters), "inputs": {},
+              "managed_spot": spot, "spot_interruptions": 0}
     with _jobs_lock:
         JOBS.append(record)
 
@@ -163,7 +183,15 @@ def run_training_job(request: dict, s3=None) -> dict:
             env[f"SM_CHANNEL_{cname.upper()}"] = str(folder)
 
         t0 = time.monotonic()
-        code, tail = _run_entrypoint(name, env, max_runtime)
+        first_env = dict(env, **{KILL_AFTER_STEP_ENV: reclaim_after}) if reclaim_after else env
+        code, tail = _run_entrypoint(name, first_env, max_runtime)
+        if reclaim_after and code == -signal.SIGKILL:
+            # The reclaim we played: a new instance, the checkpoints restored, the rest fresh.
+            record["spot_interruptions"] += 1
+            for sub in ("model", "output"):
+                shutil.rmtree(root / sub)
+                (root / sub).mkdir()
+            code, tail = _run_entrypoint(name, env, max(1.0, max_runtime - (time.monotonic() - t0)))
         if code is None:
             (root / "output" / "failure").write_text("Training job reached the stopping condition")
         seconds = max(1, round(time.monotonic() - t0))

@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 export SAM_CLI_TELEMETRY ?= 0
 export AWS_DEFAULT_REGION ?= us-east-1
 
-.PHONY: install tools test lint validate bench-intake bench-train bench-infer bench fuzz demo up clean
+.PHONY: install tools test lint validate bench-intake bench-train bench-infer bench fuzz soak demo up clean
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,11 @@ test: install tools lint
 # Property fuzzing with a large budget (tests/test_fuzz.py, 10,000 examples per target).
 fuzz: install
 	$(PY) bench/fuzz.py --examples $${FUZZ_EXAMPLES:-10000}
+
+# Load on 127.0.0.1: the local runtime, one trained model, N clients on the generate and
+# status routes; bounded in time and count (docs/benchmarks.md#soak). SOAK_ARGS: --clients, --seconds.
+soak: install
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 bench-intake: install
 	$(PY) bench/bench_intake.py

@@ -228,3 +228,35 @@ def test_samconfig_has_dev_and_prod_with_lowercase_stack_names():
         name = config[env]["global"]["parameters"]["stack_name"]
         assert re.fullmatch(r"[a-z0-9-]+", name)  # the stack name is part of the bucket name
         assert "CAPABILITY_IAM" in config[env]["deploy"]["parameters"]["capabilities"]
+
+
+# A variable a handler requires (os.environ["X"], or the API's _env("X")) that the template
+# does not set only fails once deployed: the local runtime sets its own environment.
+_REQUIRED_ENV = re.compile(r'os\.environ\["([A-Z0-9_]+)"\]|\b_env\("([A-Z0-9_]+)"\)')
+
+
+def test_every_function_gets_the_environment_its_code_requires():
+    from avatarflow_local.workflow_stack import function_folder, function_variables
+
+    template = load_template()
+    functions = [lid for lid, r in template["Resources"].items() if r["Type"] == "AWS::Serverless::Function"]
+    assert len(functions) >= 7
+    for lid in functions:
+        source = (REPO / "functions" / function_folder(template, lid) / "app.py").read_text()
+        required = {a or b for a, b in _REQUIRED_ENV.findall(source)}
+        provided = set(function_variables(template, lid))
+        # Powertools: metrics fail to flush without a namespace; logs need a service name.
+        required |= {"POWERTOOLS_SERVICE_NAME", "POWERTOOLS_METRICS_NAMESPACE"}
+        missing = sorted(required - provided)
+        assert not missing, f"{lid} reads {missing} but the template does not set them"
+
+
+def test_functions_match_the_architecture_of_the_shared_layer():
+    template = load_template()
+    shared = template.get("Globals", {}).get("Function", {})
+    layer_arch = template["Resources"]["SharedLayer"]["Properties"]["CompatibleArchitectures"]
+    for lid, r in template["Resources"].items():
+        if r["Type"] == "AWS::Serverless::Function":
+            arch = r["Properties"].get("Architectures", shared.get("Architectures", ["x86_64"]))
+            assert arch == layer_arch, f"{lid} runs on {arch}, the shared layer on {layer_arch}"
+            assert r["Properties"].get("Tracing", shared.get("Tracing")) == "Active", lid

@@ -54,6 +54,13 @@ def load_template(path: Path = TEMPLATE) -> dict:
     return yaml.load(path.read_text(encoding="utf-8"), Loader=_CfnLoader)  # noqa: S506 - SafeLoader subclass
 
 
+def function_variables(template: dict, logical_id: str) -> dict:
+    """A function's environment as SAM deploys it: Globals first, the function's own on top."""
+    shared = template.get("Globals", {}).get("Function", {}).get("Environment", {}).get("Variables", {})
+    own = template["Resources"][logical_id]["Properties"].get("Environment", {}).get("Variables", {})
+    return {**shared, **own}
+
+
 def function_folder(template: dict, logical_id: str) -> str:
     """functions/<folder> of a template function: from CodeUri, or the image's handler command."""
     props = template["Resources"][logical_id]["Properties"]
@@ -366,7 +373,7 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
     function_env, sources, routes, cors = {}, [], [], {}
     for lid, spec in _resources_of(template, "AWS::Serverless::Function").items():
         folder = function_folder(template, lid)
-        variables = spec["Properties"].get("Environment", {}).get("Variables", {})
+        variables = function_variables(template, lid)
         function_env[folder] = {k: str(res.resolve(v)) for k, v in variables.items()}
         for event in spec["Properties"].get("Events", {}).values():
             props = event.get("Properties", {})

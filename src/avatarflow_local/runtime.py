@@ -229,7 +229,9 @@ class LocalRuntime:
 
         env = {}
         for variables in r.function_env.values():
-            env.update({k: v for k, v in variables.items() if k != "POWERTOOLS_SERVICE_NAME"})
+            # The log level stays the runtime's (WARNING unless --verbose), not the Globals' INFO.
+            env.update({k: v for k, v in variables.items()
+                        if k not in ("POWERTOOLS_SERVICE_NAME", "POWERTOOLS_LOG_LEVEL")})
         if s.tiny:
             env.update(MIN_IMAGE_SIZE=str(resolution), DEFAULT_IMAGE_SIZE=str(resolution))
         self._setenv(**env)

@@ -132,28 +132,28 @@ def test_two_batches_of_one_user_at_once(aws, handler_of, lambda_context):
 
 
 def test_spot_reclaim_resumes_from_the_checkpoint_in_one_job(aws, handler_of, lambda_context, monkeypatch):
-    """Managed spot on (the template's UseSpotTraining=true with its Spot stopping condition);
-    the instance is reclaimed (SIGKILL) right after a checkpoint; the stand-in starts the job
-    again with the same checkpoints, as SageMaker restores CheckpointConfig.S3Uri: one job,
-    MODEL_READY, and the adapter says it resumed. The ASL checkpoints every 100 steps and
-    always at the last one, so with the tiny 2 steps the reclaim lands after the final
-    checkpoint (mid-run resume of the training module: tests/test_training.py)."""
-    subs = {**aws["stack"].substitutions, "UseSpotTraining": "true",
+    """Managed spot on (the template's UseSpotTraining=true with its Spot stopping condition),
+    a checkpoint every step; the instance is reclaimed (SIGKILL) right after step 2's
+    checkpoint of 4; the stand-in starts the job again with the same checkpoints, as
+    SageMaker restores CheckpointConfig.S3Uri: one job, MODEL_READY, and the adapter says it
+    resumed from step 2 and trained all 4 steps."""
+    subs = {**aws["stack"].substitutions, "UseSpotTraining": "true", "TrainingSteps": "4",
+            "CheckpointSteps": "1",
             "StoppingConditionJson": '{\\"MaxRuntimeInSeconds\\": 600, \\"MaxWaitTimeInSeconds\\": 1200}'}
     aws["sfn"].update_state_machine(stateMachineArn=aws["stack"].state_machine_arn,
                                     definition=render_definition(subs))
-    steps = int(subs["TrainingSteps"])
-    monkeypatch.setenv(training_job.SPOT_RECLAIM_ENV, str(steps))
+    monkeypatch.setenv(training_job.SPOT_RECLAIM_ENV, "2")
     arn, desc = run_batch(aws, handler_of, lambda_context, "s4", one_person_batch(8))
     assert desc["status"] == "SUCCEEDED", failure_of(aws, arn)
     (job,) = aws["jobs"]()  # one job, not two
     assert job["status"] == "Completed" and job["spot_interruptions"] == 1
     assert job["managed_spot"] is True  # the request as the ASL rendered it
+    assert job["hyperparameters"]["checkpointing_steps"] == "1"
     rows = assert_nothing_half_written(aws)
     assert rows["s4"]["status"] == "READY"
     key = keys.model_prefix(USER, "s4") + keys.ADAPTER_CONFIG
     adapter = json.loads(aws["s3"].get_object(Bucket=aws["stack"].bucket, Key=key)["Body"].read())
-    assert adapter["resumed_from_step"] == steps and adapter["steps"] == steps
+    assert adapter["resumed_from_step"] == 2 and adapter["steps"] == 4
     assert [m["event"] for m in messages(aws)] == ["MODEL_READY"]
 
 

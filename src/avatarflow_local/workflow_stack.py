@@ -93,6 +93,7 @@ def local_substitutions(bucket: str, table: str, topic_arn: str, **overrides: st
         "UseSpotTraining": "false",
         "StoppingConditionJson": '{\\"MaxRuntimeInSeconds\\": 600}',
         "TrainingSteps": "2",
+        "CheckpointSteps": "100",
         "Resolution": "64",
         "MixedPrecision": "no",
         "MinImages": "8",

@@ -57,18 +57,19 @@ def create_resources():
     )
 
 
-def put_model(user_id, version, status, created_at="2025-01-01T00:00:00.000000Z"):
-    boto3.resource("dynamodb").Table(MODELS_TABLE).put_item(
-        Item={
-            "user_id": user_id,
-            "version": version,
-            "status": status,
-            "batch_id": "batch1",
-            "model_prefix": f"models/{user_id}/{version}/",
-            "created_at": created_at,
-            "updated_at": created_at,
-        }
-    )
+def put_model(user_id, version, status, created_at="2025-01-01T00:00:00.000000Z", training_job=None):
+    item = {
+        "user_id": user_id,
+        "version": version,
+        "status": status,
+        "batch_id": "batch1",
+        "model_prefix": f"models/{user_id}/{version}/",
+        "created_at": created_at,
+        "updated_at": created_at,
+    }
+    if training_job:
+        item["training_job"] = training_job
+    boto3.resource("dynamodb").Table(MODELS_TABLE).put_item(Item=item)
 
 
 def http_event(method, path, *, sub="alice", body=None, claims=None):

@@ -513,9 +513,13 @@ def test_delete_user_removes_every_object_and_row_and_only_theirs(api):
         ]
     )
     api.notify(success_notice(generation_id))
-    put_model("alice", "v2", "FAILED")
-    put_model("bob", "v1", "READY")
+    put_model("alice", "v2", "FAILED", training_job="avatar-job-alice")
+    put_model("bob", "v1", "READY", training_job="avatar-job-bob")
     s3.put_object(Bucket=BUCKET, Key="requests/other.json", Body=b"{}")
+    # training/<job>/ holds a copy of each user's adapter and the spot checkpoints.
+    for job in ("avatar-job-alice", "avatar-job-bob"):
+        for name in ("output/model.tar.gz", "checkpoints/step-1/lora.safetensors"):
+            s3.put_object(Bucket=BUCKET, Key=f"training/{job}/{name}", Body=b"x")
 
     response = api("DELETE", "/users/alice")
     assert response["statusCode"] == 204
@@ -527,6 +531,8 @@ def test_delete_user_removes_every_object_and_row_and_only_theirs(api):
     assert versions_under(s3, f"requests/{generation_id}.json") == []
     assert versions_under(s3, "async-output/abc.out") == []
     assert versions_under(s3, "requests/other.json") == ["requests/other.json"]
+    assert versions_under(s3, "training/avatar-job-alice/") == []
+    assert len(versions_under(s3, "training/avatar-job-bob/")) == 2
 
     ddb = boto3.resource("dynamodb")
     models = ddb.Table(ENV["MODELS_TABLE"]).scan()["Items"]

@@ -561,6 +561,10 @@ def delete_user(user_id: str):
         generations.delete_item(Key={"generation_id": generation_id})
     registry = _models_table()
     models = _query_all(registry, KeyConditionExpression=Key("user_id").eq(user_id))
+    # training/<job>/ holds a copy of the adapter and the checkpoints; the row names the job.
+    for row in models:
+        if row.get("training_job"):
+            removed += _delete_all_versions(bucket, keys.training_prefix(row["training_job"]))
     with registry.batch_writer() as batch:
         for row in models:
             batch.delete_item(Key={"user_id": user_id, "version": row["version"]})

@@ -100,3 +100,8 @@ def user_prefix(prefix: str, user_id: str) -> str:
     if prefix not in USER_PREFIXES:
         raise InvalidKeyError(f"{prefix!r} is not a per-user prefix")
     return f"{prefix}{validate_id(user_id, 'user_id')}/"
+
+
+def training_prefix(job_name: str) -> str:
+    """`training/<job_name>/`: SageMaker's output (model.tar.gz) and spot checkpoints of a job."""
+    return f"{TRAINING}{validate_id(job_name, 'training_job')}/"

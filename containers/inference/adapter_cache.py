@@ -29,8 +29,7 @@ from botocore.exceptions import ClientError
 
 from avatarflow import keys
 from avatarflow.ids import validate_id
-
-DEFAULT_TOKEN = "sks"  # noqa: S105 - the DreamBooth rare token, not a secret
+from avatarflow.workflow import DEFAULT_SUBJECT_CLASS, DEFAULT_TOKEN
 
 
 class AdapterNotFound(LookupError):
@@ -67,7 +66,7 @@ class Adapter:
 
     @property
     def subject_class(self) -> str:
-        return str(self.config.get("subject_class") or "person")
+        return str(self.config.get("subject_class") or DEFAULT_SUBJECT_CLASS)
 
     @property
     def reference_embedding(self) -> list[float] | None:

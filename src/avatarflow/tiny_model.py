@@ -17,7 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-DEFAULT_TOKEN = "sks"  # noqa: S105 - the DreamBooth rare token, not a secret
+from avatarflow.workflow import DEFAULT_TOKEN
+
 READY_MARKER = ".avatarflow_tiny_ready"
 TINY_RESOLUTION = 64
 

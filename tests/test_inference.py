@@ -411,7 +411,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_real_gunicorn_server_serves_ping_and_errors(world, tmp_path):
     """The production server as `serve` starts it (gunicorn, config file), on a free port,
     against a moto S3 server: /ping, a 400, a 404 and a real generation."""

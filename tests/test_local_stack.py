@@ -22,7 +22,7 @@ from avatarflow.sample_photos import one_person_batch, photo_bytes
 from avatarflow_local.runtime import LocalRuntime, Settings
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def fetch_png(url):

@@ -20,6 +20,8 @@ import pytest
 from avatarflow_local.workflow_stack import REPO_ROOT as REPO
 from avatarflow_local.workflow_stack import TEMPLATE, load_template
 
+pytestmark = pytest.mark.e2e  # runs the external linters
+
 TOOLS_BIN = REPO / ".venv-tools" / "bin"
 CHECKOV = REPO / ".venv-checkov" / "bin" / "checkov"
 STATE_MACHINES = sorted((REPO / "statemachines").glob("*.asl.json"))

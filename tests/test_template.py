@@ -43,11 +43,13 @@ def run_tool(*args):
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.e2e
 def test_sam_validate_lint_is_clean():
     proc = run_tool(tool("sam"), "validate", "--lint", "--template-file", "template.yaml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.e2e
 def test_cfn_lint_is_clean():
     proc = run_tool(tool("cfn-lint"), "template.yaml")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -106,7 +106,7 @@ def generate(pipe):
     ).images[0]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_trained_adapter_loads_and_changes_the_image_and_is_deterministic(tmp_path, base_models, dataset):
     from diffusers import StableDiffusionPipeline
 
@@ -136,7 +136,7 @@ def test_trained_adapter_loads_and_changes_the_image_and_is_deterministic(tmp_pa
     assert np.abs(after - before).mean() > 1e-3
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_killed_run_resumes_from_its_checkpoint_and_finishes(tmp_path, base_models, dataset):
     env = make_job(tmp_path / "job", base_models["sd"], dataset, max_train_steps=6)
     killed = run_subprocess(env, {tdl.KILL_AFTER_STEP_ENV: "2"})
@@ -161,7 +161,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_finishes(tmp_path, base_mode
     assert all(torch.allclose(weights[k], reference[k], atol=1e-6) for k in reference)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sdxl_with_text_encoder_lora(tmp_path, base_models, dataset):
     from diffusers import StableDiffusionXLPipeline
 
@@ -179,7 +179,7 @@ def test_sdxl_with_text_encoder_lora(tmp_path, base_models, dataset):
     assert np.abs(generate(pipe) - before).mean() > 1e-4
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_prior_preservation_generates_class_images(tmp_path, base_models, dataset, capsys):
     env = make_job(
         tmp_path / "pp",

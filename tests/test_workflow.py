@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import boto3
+import pytest
 from workflow_harness import (
     REPO,
     USER,
@@ -29,6 +30,8 @@ from workflow_harness import (
 
 from avatarflow import keys
 from avatarflow.sample_photos import one_person_batch, photo_bytes, random_bytes
+
+pytestmark = pytest.mark.e2e  # runs the real state machine with the real handlers
 
 
 def test_happy_path_registers_model_and_emails_user(aws, handler_of, lambda_context):

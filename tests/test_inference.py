@@ -3,12 +3,16 @@ adapters hot-swapped on one resident pipeline, validation, S3 outputs."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -144,7 +148,34 @@ def fresh_engine(world, name: str) -> Engine:
 def test_ping(world):
     resp = world["client"].get("/ping")
     assert resp.status_code == 200
-    assert resp.get_json() == {"status": "healthy"}
+    assert resp.get_json() == {"status": "healthy", "busy": False}
+
+
+def test_ping_never_waits_for_the_pipeline_and_reports_a_stuck_generation(world):
+    """/ping while another thread holds the pipeline: answered at once, healthy and busy; once
+    that generation has run longer than stuck_after_s, 503 so SageMaker replaces the instance."""
+    engine = world["engine"]
+    answers: list = []
+
+    def ping(app) -> None:
+        resp = app.test_client().get("/ping")
+        answers.append((resp.status_code, resp.get_json()))
+
+    with engine._lock:  # a generation in progress, as Engine.run holds it
+        engine.busy_since = time.monotonic()
+        try:
+            for stuck_after, sleep in ((60.0, 0.0), (0.05, 0.1)):
+                time.sleep(sleep)
+                thread = threading.Thread(target=ping, args=(create_app(engine, stuck_after_s=stuck_after),))
+                thread.start()
+                thread.join(timeout=2)
+                assert not thread.is_alive(), "/ping waited for the pipeline lock"
+        finally:
+            engine.busy_since = None
+    assert answers[0] == (200, {"status": "healthy", "busy": True})
+    assert answers[1][0] == 503
+    assert answers[1][1]["status"] == "unhealthy"
+    assert world["client"].get("/ping").get_json() == {"status": "healthy", "busy": False}
 
 
 def test_alternating_users_match_each_adapter_alone(world):
@@ -411,10 +442,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.e2e
-def test_real_gunicorn_server_serves_ping_and_errors(world, tmp_path):
-    """The production server as `serve` starts it (gunicorn, config file), on a free port,
-    against a moto S3 server: /ping, a 400, a 404 and a real generation."""
+@contextlib.contextmanager
+def _serving(world, tmp_path, argv: list[str], env_extra: dict[str, str] | None = None):
+    """Start `argv` (the production server, from containers/inference) against a moto S3 server
+    holding alice's adapter; yield (base URL, S3 client) once GET /ping answers; stop both."""
     from moto.server import ThreadedMotoServer
 
     moto_port, port = _free_port(), _free_port()
@@ -431,7 +462,7 @@ def test_real_gunicorn_server_serves_ping_and_errors(world, tmp_path):
         )
         s3.put_object(Bucket=BUCKET, Key=prefix + keys.ADAPTER_CONFIG, Body=b'{"token": "sks"}')
         env = {
-            **__import__("os").environ,
+            **os.environ,
             "BUCKET_NAME": BUCKET,
             "AWS_ENDPOINT_URL": endpoint,
             "AVATARFLOW_BASE_MODEL": str(world["base"]),
@@ -440,12 +471,10 @@ def test_real_gunicorn_server_serves_ping_and_errors(world, tmp_path):
             "AVATARFLOW_LOG_LEVEL": "warning",
             "PYTHONPATH": str(REPO / "src"),
             "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+            **(env_extra or {}),
         }
         proc = subprocess.Popen(
-            [str(REPO / "containers/inference/serve")],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            argv, cwd=REPO / "containers/inference", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 60
@@ -458,24 +487,92 @@ def test_real_gunicorn_server_serves_ping_and_errors(world, tmp_path):
                 assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
                 assert time.time() < deadline, "server did not start"
                 time.sleep(0.3)
-
-        def post(body: bytes) -> tuple[int, dict]:
-            req = urllib.request.Request(
-                base + "/invocations", data=body, method="POST", headers={"Content-Type": "application/json"}
-            )
-            try:
-                with urllib.request.urlopen(req, timeout=60) as resp:
-                    return resp.status, json.loads(resp.read())
-            except urllib.error.HTTPError as err:
-                return err.code, json.loads(err.read())
-
-        assert post(b"{oops")[0] == 400
-        assert post(json.dumps(request("srv0", "ghost")).encode())[0] == 404
-        status, result = post(json.dumps(request("srv1", "alice", num_images=1)).encode())
-        assert status == 200, result
-        assert s3.head_object(Bucket=BUCKET, Key="generations/alice/srv1/000.png")["ContentLength"] > 0
+        yield base, s3
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
         moto.stop()
+
+
+def _post(base: str, body: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        base + "/invocations", data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _get_json(url: str, timeout: float = 5) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.e2e
+def test_real_gunicorn_server_serves_ping_and_errors(world, tmp_path):
+    """The production server as `serve` starts it (gunicorn, config file), on a free port,
+    against a moto S3 server: /ping, a 400, a 404 and a real generation."""
+    with _serving(world, tmp_path, [str(REPO / "containers/inference/serve")]) as (base, s3):
+        assert _post(base, b"{oops")[0] == 400
+        assert _post(base, json.dumps(request("srv0", "ghost")).encode())[0] == 404
+        status, result = _post(base, json.dumps(request("srv1", "alice", num_images=1)).encode())
+        assert status == 200, result
+        assert s3.head_object(Bucket=BUCKET, Key="generations/alice/srv1/000.png")["ContentLength"] > 0
+
+
+@pytest.mark.e2e
+def test_ping_answers_within_2s_while_generations_run_one_at_a_time(world, tmp_path):
+    """SageMaker's health check gives up on GET /ping after 2 s. The production gunicorn
+    settings (inference_gunicorn_conf.py) with the real app, its UNet slowed to ~2 s per
+    generation by tests/inference_probe.py: two invocations are sent at once and /ping is
+    polled while they run. Every ping answers 200 "healthy" (busy) within 2 s; both
+    invocations are inside the worker together, yet never inside the UNet together."""
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--config",
+        "inference_gunicorn_conf.py",
+        "inference_probe:create_probe_app()",
+    ]
+    env = {"PYTHONPATH": f"{REPO / 'src'}:{REPO / 'tests'}", "AVATARFLOW_PROBE_STEP_S": "0.12"}
+    steps = 16  # one UNet forward per step (guidance is batched): ~2 s per generation
+    with _serving(world, tmp_path, argv, env) as (base, _s3):
+        results: dict[str, tuple[int, dict]] = {}
+
+        def invoke(gen_id: str) -> None:
+            body = request(gen_id, "alice", num_images=1, steps=steps)
+            results[gen_id] = _post(base, json.dumps(body).encode())
+
+        workers = [threading.Thread(target=invoke, args=(f"busy{i}",)) for i in range(2)]
+        for worker in workers:
+            worker.start()
+        pings: list[tuple[float, int, dict]] = []
+        while any(worker.is_alive() for worker in workers):
+            start = time.perf_counter()
+            try:
+                status, body = _get_json(base + "/ping", timeout=10)
+            except OSError as err:  # a ping that never came back counts as a failed check
+                status, body = 0, {"error": repr(err)}
+            pings.append((time.perf_counter() - start, status, body))
+            time.sleep(0.2)
+        for worker in workers:
+            worker.join()
+        probe = _get_json(base + "/probe")[1]
+
+    assert [results[g][0] for g in ("busy0", "busy1")] == [200, 200], results
+    slow = [p for p in pings if p[0] >= 2.0 or p[1] != 200 or p[2].get("status") != "healthy"]
+    assert not slow, f"/ping failed SageMaker's 2 s health check while busy: {slow}"
+    busy = [p for p in pings if p[2].get("busy")]
+    assert len(busy) >= 3, f"too few pings landed while a generation ran: {pings}"
+    # Both requests were in the worker at the same time (the server did not serialize them),
+    # and the engine's lock still let only one of them into the model at a time.
+    assert probe["max_requests"] == 2, probe
+    assert probe["max_in_model"] == 1, probe
+    assert probe["model_calls"] == 2 * steps, probe

@@ -267,7 +267,11 @@ class Engine:
         self.te_loaded = False
         self.switches = {"resident": 0, "load": 0, "hotswap": 0, "replay": 0, "rebuild": 0}
         self.slot_generation = 0  # bumped when the slot's tensors are re-created
-        self._lock = threading.Lock()  # one generation at a time per worker (and per pipeline)
+        # One generation at a time per worker (the pipeline is not thread-safe). gunicorn runs
+        # several threads per worker so that /ping is answered during a generation; /ping reads
+        # busy_since and never takes this lock.
+        self._lock = threading.Lock()
+        self.busy_since: float | None = None  # time.monotonic() when the running generation began
 
     @classmethod
     def from_env(cls) -> Engine:
@@ -469,8 +473,19 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
     def run(self, req: GenerationRequest) -> dict[str, Any]:
+        """One generation; concurrent callers wait their turn on the pipeline."""
         with self._lock:
-            return self._run(req)
+            self.busy_since = time.monotonic()
+            try:
+                return self._run(req)
+            finally:
+                self.busy_since = None
+
+    def busy_for(self) -> float | None:
+        """Seconds the running generation has held the pipeline, None when idle. Lock-free, so
+        a health check never waits for a generation."""
+        since = self.busy_since
+        return None if since is None else time.monotonic() - since
 
     def _run(self, req: GenerationRequest) -> dict[str, Any]:
         import torch

@@ -1,6 +1,14 @@
-"""gunicorn settings for `serve`: one sync worker per GPU, one thread each, so every worker
-holds one pipeline on its own GPU and handles one request at a time. The app is not
-preloaded: each worker imports torch and loads the model after fork, on its own GPU."""
+"""gunicorn settings for `serve`: one worker process per GPU, each holding one pipeline on its
+own GPU. The app is not preloaded: each worker imports torch and loads the model after fork.
+
+Each worker is a gthread worker with a few threads, not a one-thread sync worker: SageMaker's
+health check gives up on GET /ping after 2 s, and a sync worker answers nothing while a
+generation (seconds to minutes) runs, so the instance would be taken for dead. The pipeline
+is not thread-safe: `Engine.run` serializes generations on a lock (one at a time per GPU);
+/ping never takes it. Keep the endpoint's MaxConcurrentInvocationsPerInstance below `threads`
+(tests/test_deploy_contracts.py checks it) so that, even with every invocation waiting on one
+worker's lock, a thread is left for /ping.
+"""
 
 import os
 import shutil
@@ -21,9 +29,11 @@ def _gpu_count() -> int:
 GPUS = _gpu_count()
 bind = f"0.0.0.0:{os.environ.get('SAGEMAKER_BIND_TO_PORT', '8080')}"
 workers = int(os.environ.get("AVATARFLOW_WORKERS") or max(GPUS, 1))
-threads = 1
-worker_class = "sync"
-# Loading the base model and a 30-step batch of 8 both take far longer than gunicorn's 30 s.
+worker_class = "gthread"
+threads = int(os.environ.get("AVATARFLOW_THREADS", "4"))
+# gthread workers heartbeat from their main loop, so `timeout` only bounds the model load at
+# boot (far longer than gunicorn's default 30 s); a generation stuck past
+# AVATARFLOW_STUCK_AFTER_S makes /ping answer 503 instead (inference_server.py).
 timeout = int(os.environ.get("AVATARFLOW_WORKER_TIMEOUT", "900"))
 graceful_timeout = 60
 keepalive = 5

@@ -1,29 +1,45 @@
 """SageMaker serving contract over the engine: GET /ping, POST /invocations (port 8080).
 
-gunicorn runs `inference_server:create_app()` with one sync worker per GPU and one thread,
-so each worker holds one pipeline and handles one request at a time (see inference_gunicorn_conf.py).
+gunicorn runs `inference_server:create_app()` in one gthread worker per GPU with a few
+threads (see inference_gunicorn_conf.py): each worker holds one pipeline, `Engine.run`
+lets one generation at a time into it, and the other threads answer GET /ping meanwhile
+(SageMaker's health check gives up after 2 s).
 Errors are JSON with a stable `error` code; the server keeps serving after any of them.
 """
 
 from __future__ import annotations
+
+import os
 
 from adapter_cache import AdapterInvalid, AdapterNotFound
 from flask import Flask, Response, jsonify, request
 from inference_engine import Engine, RequestInvalid, logger, parse_request
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a few hundred bytes of JSON
+# No real generation (8 images, 80 steps, SDXL) comes near this: past it the GPU or the
+# pipeline is stuck, and /ping says so, so that SageMaker replaces the instance.
+DEFAULT_STUCK_AFTER_S = 900.0
 
 
-def create_app(engine: Engine | None = None) -> Flask:
+def create_app(engine: Engine | None = None, stuck_after_s: float | None = None) -> Flask:
     engine = engine if engine is not None else Engine.from_env()
+    if stuck_after_s is None:
+        stuck_after_s = float(os.environ.get("AVATARFLOW_STUCK_AFTER_S", DEFAULT_STUCK_AFTER_S))
     app = Flask("avatarflow-inference")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.extensions["avatarflow_engine"] = engine
 
     @app.get("/ping")
     def ping() -> tuple[Response, int]:
-        # The base model is loaded before the app exists, so being here means ready.
-        return jsonify(status="healthy"), 200
+        # The base model is loaded before the app exists, so being here means ready; busy with
+        # a generation is healthy too. Never waits on the engine's lock.
+        busy_for = engine.busy_for()
+        if busy_for is not None and busy_for > stuck_after_s:
+            logger.error("generation stuck", extra={"busy_for_s": round(busy_for)})
+            return jsonify(
+                status="unhealthy", busy=True, message=f"one generation has run for {busy_for:.0f} s"
+            ), 503
+        return jsonify(status="healthy", busy=busy_for is not None), 200
 
     @app.post("/invocations")
     def invocations() -> tuple[Response, int]:

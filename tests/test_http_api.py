@@ -7,8 +7,15 @@ import urllib.request
 
 import pytest
 
-from avatarflow_local.http_api import DevTokens, HttpApi, TokenBucket
-from avatarflow_local.workflow_stack import HttpRoute, Throttle, http_api_throttle, load_template
+from avatarflow_local.http_api import HttpApi, TokenBucket
+from avatarflow_local.local_issuer import LocalIssuer
+from avatarflow_local.workflow_stack import (
+    HttpRoute,
+    Throttle,
+    http_api_auth,
+    http_api_throttle,
+    load_template,
+)
 
 
 class FakeClock:
@@ -42,19 +49,23 @@ def test_throttle_comes_from_the_template_parameters():
 
 @pytest.fixture
 def api():
+    issuer = LocalIssuer().start()
+    auth = http_api_auth(parameters={"JwtIssuer": issuer.issuer, "JwtAudience": issuer.client_id})
     calls = []
 
     def invoke(function, event):
         calls.append(event["routeKey"])
         return {"statusCode": 200, "body": json.dumps({"ok": True})}, None
 
-    server = HttpApi([HttpRoute("GET", "/users/{user_id}/models")], invoke, DevTokens(),
+    server = HttpApi([HttpRoute("GET", "/users/{user_id}/models", "UserJwt")], invoke, auth.authorizers,
                      throttle=Throttle(rate=1, burst=3)).start()
+    server.issuer = issuer
     server.clock = FakeClock()
     server.bucket = TokenBucket(1, 3, clock=server.clock)
     server.calls = calls
     yield server
     server.stop()
+    issuer.stop()
 
 
 def get(api, token):
@@ -68,12 +79,12 @@ def get(api, token):
 
 
 def test_adapter_answers_429_over_the_limit_and_recovers(api):
-    token = api.tokens.issue("ada")
+    token = api.issuer.access_token("ada")
     answers = [get(api, token) for _ in range(5)]
     assert answers == [(200, {"ok": True})] * 3 + [(429, {"message": "Too Many Requests"})] * 2
     assert len(api.calls) == 3  # refused requests never reach the Lambda
     # Bad tokens count against the limit too, and are refused before the verifier.
-    assert get(api, "local.bad.token") == (429, {"message": "Too Many Requests"})
+    assert get(api, "bad.token.here") == (429, {"message": "Too Many Requests"})
     api.clock.now += 2  # two tokens at 1/s
     assert [get(api, token)[0] for _ in range(3)] == [200, 200, 429]
     assert len(api.calls) == 5

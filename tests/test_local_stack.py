@@ -137,6 +137,8 @@ def test_up_server_with_the_aws_cli_and_plain_http(tmp_path):
             "0",
             "--api-port",
             "0",
+            "--issuer-port",
+            "0",
             "--out",
             str(out),
             "--user",
@@ -180,6 +182,14 @@ def test_up_server_with_the_aws_cli_and_plain_http(tmp_path):
         assert done.stdout.count("upload:") == 9
 
         api, token = info["api_url"], info["tokens"]["grace"]
+        # The printed `TOKEN=$(.venv/bin/python -m avatarflow_local token grace --out ...)`.
+        python = str(REPO / ".venv" / "bin" / "python")
+        printed = subprocess.run(
+            [python, "-m", "avatarflow_local", "token", "grace", "--out", str(out)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert printed.returncode == 0 and printed.stdout.strip() == token, printed.stderr
+        assert call("GET", f"{api}/users/grace/models", info["id_tokens"]["grace"])[0] == 200
         deadline = time.time() + 120
         while True:
             status, models = call("GET", f"{api}/users/grace/models", token)

@@ -1,4 +1,4 @@
-"""`python -m avatarflow_local demo|up|sample-photos ...` (see `--help`)."""
+"""`python -m avatarflow_local demo|up|token|sample-photos ...` (see `--help`)."""
 
 from __future__ import annotations
 
@@ -67,6 +67,23 @@ def _stamp() -> str:
     return time.strftime("%H:%M:%S")
 
 
+def _write_info(path: Path, info: dict) -> None:
+    """out/local-stack.json, readable by this user only (it holds bearer tokens)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(info, handle, indent=1)
+
+
+def _mint(runtime, users: tuple[str, ...]) -> dict:
+    """Fresh access and id tokens for every user, and when the access tokens expire."""
+    return {
+        "tokens": {u: runtime.token(u) for u in users},
+        "id_tokens": {u: runtime.issuer.id_token(u) for u in users},
+        "tokens_expire": time.strftime("%H:%M:%S", time.localtime(time.time() + runtime.issuer.access_ttl_s)),
+    }
+
+
 def cmd_up(args) -> int:
     from avatarflow_local.runtime import LocalRuntime
 
@@ -81,65 +98,92 @@ def cmd_up(args) -> int:
             print(f"[{_stamp()}] {kind}: {text}", flush=True)
 
     runtime = LocalRuntime(
-        _settings(args, port=args.port, api_port=args.api_port, users=users), on_event=on_event
+        _settings(args, port=args.port, api_port=args.api_port, issuer_port=args.issuer_port, users=users),
+        on_event=on_event,
     )
     runtime.start()
     info_path = Path(args.out) / "local-stack.json"
     try:
-        aws, api, bucket = runtime.endpoint_url, runtime.api_url, runtime.bucket
-        tokens = {u: runtime.token(u) for u in users}
+        aws, api, bucket, issuer = runtime.endpoint_url, runtime.api_url, runtime.bucket, runtime.issuer
         info = {
             "aws_endpoint_url": aws,
             "api_url": api,
             "bucket": bucket,
             "region": "us-east-1",
             "state_machine_arn": runtime.resources.state_machine_arn,
-            "tokens": tokens,
+            "issuer": issuer.issuer,
+            "client_id": issuer.client_id,
             "mail_dir": str(runtime.mail_dir),
             "pid": os.getpid(),
+            **_mint(runtime, users),
         }
-        info_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(info_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(info, handle, indent=1)
+        _write_info(info_path, info)
         user = users[0]
         q = shlex.quote
         body = json.dumps({"prompt": "portrait of sks person as an astronaut", "num_images": 4})
+        out_arg = "" if Path(args.out) == Path("out") else f" --out {q(str(args.out))}"
+        ttl_min = issuer.access_ttl_s // 60
         print(
             f"""
 avatarflow local stack is up (Ctrl-C stops it)
   AWS endpoint (S3, SQS, SNS, DynamoDB, Step Functions): {aws}
   API (API Gateway HTTP API stand-in):                    {api}
+  JWT issuer (stands in for the Cognito user pool):       {issuer.issuer}
+  app client id (the JWT authorizer's audience):          {issuer.client_id}
   bucket:         {bucket}
   state machine:  {runtime.resources.state_machine_arn}
   base model:     {runtime.base_model_path}
   emails:         {runtime.mail_dir}/ (.eml and .txt)
-  dev tokens (signed with a key made for this run; they stop working when the stack stops):
+  access tokens (RS256 JWTs like Cognito's, signed with a key made for this run: they stop
+  working when the stack stops; valid {ttl_min} min, renewed in {info_path} every {ttl_min // 2} min):
 """
-            + "".join(f"    {u}: {t}\n" for u, t in tokens.items())
+            + "".join(f"    {u}: {t}\n" for u, t in info["tokens"].items())
             + f"""
-Try it (another terminal):
+Try it (another terminal, in this folder):
   export AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_DEFAULT_REGION=us-east-1
   .venv/bin/python -m avatarflow_local sample-photos photos/   # or use your own 10-15 photos of one person
   echo '{{"email": "{user}@example.com"}}' > photos/request.json
-  aws --endpoint-url {aws} s3 cp photos/ s3://{bucket}/uploads/{user}/batch1/ --recursive
-  aws --endpoint-url {aws} stepfunctions list-executions \\
+  .venv/bin/aws --endpoint-url {aws} s3 cp photos/ s3://{bucket}/uploads/{user}/batch1/ --recursive
+  .venv/bin/aws --endpoint-url {aws} stepfunctions list-executions \\
     --state-machine-arn {runtime.resources.state_machine_arn}
-  TOKEN={tokens[user]}
+  TOKEN=$(.venv/bin/python -m avatarflow_local token {user}{out_arg})  # current access token (--id: id token)
   curl -s -H "Authorization: Bearer $TOKEN" {api}/users/{user}/models
   curl -s -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" \\
     -X POST {api}/users/{user}/generations -d {q(body)}
   curl -s -H "Authorization: Bearer $TOKEN" {api}/users/{user}/generations/<generation_id>
+  curl -s {issuer.issuer}/.well-known/openid-configuration   # the issuer's discovery document (and JWKS)
 """,
             flush=True,
         )
+        renew_at = time.monotonic() + issuer.access_ttl_s / 2
         while not stop.wait(0.5):
-            pass
+            if time.monotonic() >= renew_at:
+                info.update(_mint(runtime, users))
+                _write_info(info_path, info)
+                renew_at = time.monotonic() + issuer.access_ttl_s / 2
+                print(f"[{_stamp()}] tokens renewed in {info_path} (valid until {info['tokens_expire']})",
+                      flush=True)
         print(f"[{_stamp()}] stopping...", flush=True)
     finally:
         runtime.stop()
         info_path.unlink(missing_ok=True)
     print(f"[{_stamp()}] stopped", flush=True)
+    return 0
+
+
+def cmd_token(args) -> int:
+    """Prints a user's current token from a running `up` (its out/local-stack.json)."""
+    info_path = Path(args.out) / "local-stack.json"
+    try:
+        info = json.loads(info_path.read_text())
+    except FileNotFoundError:
+        print(f"no {info_path}: is `make up` running (with this --out)?", file=sys.stderr)
+        return 1
+    tokens = info["id_tokens" if args.id else "tokens"]
+    if args.user not in tokens:
+        print(f"no token for {args.user!r}: `up` was started for {sorted(tokens)} (--user)", file=sys.stderr)
+        return 1
+    print(tokens[args.user])
     return 0
 
 
@@ -183,9 +227,18 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--port", type=int, default=4566, help="AWS endpoint port (0: any free port)")
     up.add_argument("--api-port", type=int, default=4567, help="API port (0: any free port)")
     up.add_argument(
-        "--user", action="append", help="print a dev token for this user id (repeatable; default: me)"
+        "--issuer-port", type=int, default=4568, help="local JWT issuer port (JWKS; 0: any free port)"
+    )
+    up.add_argument(
+        "--user", action="append", help="mint tokens for this user id (repeatable; default: me)"
     )
     up.set_defaults(func=cmd_up)
+
+    token = sub.add_parser("token", help="print a user's current token from a running `up`")
+    token.add_argument("user", nargs="?", default="me")
+    token.add_argument("--id", action="store_true", help="the id token instead of the access token")
+    token.add_argument("--out", type=Path, default=Path("out"), help="`up`'s output folder (default: out)")
+    token.set_defaults(func=cmd_token)
 
     photos = sub.add_parser("sample-photos", help="write the demo's sample photos to a folder")
     photos.add_argument("folder")

@@ -2,10 +2,13 @@
 
 What API Gateway does before the Lambda runs is done here too: only the template's routes
 exist (others: 404 `{"message": "Not Found"}`), CORS preflights are answered from the
-template's CorsConfiguration, and the JWT authorizer is played by a local dev token: a
-signed token whose claims become `requestContext.authorizer.jwt.claims`. The signing key is
-random per run (printed tokens stop working when the stack stops); nothing secret is in
-the repository. Missing or bad token: 401 `{"message": "Unauthorized"}`, as API Gateway.
+template's CorsConfiguration, and each route's JWT authorizer (the template's HttpApi
+`Auth`: issuer, audience, AuthorizationScopes) checks the bearer token by the rules API
+Gateway documents for HTTP API JWT authorizers (`JwtVerifier`): keys from the issuer's
+jwks_uri, RS256, `kid`, `iss`, `aud`/`client_id`, `exp`, `nbf`, `iat`, scopes. A refused
+token is 401 `{"message": "Unauthorized"}` (403 `{"message": "Forbidden"}` for a missing
+scope) and never reaches the Lambda; an accepted one's claims become
+`requestContext.authorizer.jwt.claims`, rendered as API Gateway renders them.
 The stage's route throttling (the template's DefaultRouteSettings rate and burst) is a
 token bucket: over it, 429 `{"message": "Too Many Requests"}` before the Lambda runs.
 """
@@ -13,68 +16,174 @@ token bucket: over it, 429 `{"message": "Too Many Requests"}` before the Lambda 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import logging
 import re
-import secrets
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from avatarflow.ids import validate_id
-from avatarflow_local.workflow_stack import ACCOUNT, HttpRoute, Throttle
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+
+from avatarflow_local.workflow_stack import ACCOUNT, HttpRoute, JwtAuthorizer, Throttle
 
 LOG = logging.getLogger(__name__)
 MAX_BODY_BYTES = 10 * 1024 * 1024  # API Gateway's payload limit
-TOKEN_PREFIX = "local"  # noqa: S105 - a format marker, not a secret
+JWKS_CACHE_S = 2 * 3600  # API Gateway "can cache the public key for two hours"
+ALGORITHMS = ("RS256",)  # API Gateway: RSA only; the issuer's JWK pins its key to RS256 (`alg`)
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+class Denied(Exception):  # noqa: N818 - an answer, not a fault
+    """A request the authorizer refuses: 401 invalid_token, or 403 insufficient_scope."""
+
+    def __init__(self, description: str, status: int = 401):
+        super().__init__(description)
+        self.status = status
+        self.description = description
+
+    def answer(self, scopes: tuple[str, ...]) -> tuple[int, dict, dict[str, str]]:
+        """Status, body and `www-authenticate` as API Gateway sends them. The header's form is
+        AWS's published example (`Bearer scope="" error="invalid_token" error_description="the
+        token does not have a valid audience"`); that description is AWS's, the others are
+        this adapter's own wording in the same style."""
+        error = "invalid_token" if self.status == 401 else "insufficient_scope"
+        header = f'Bearer scope="{" ".join(scopes)}" error="{error}" error_description="{self.description}"'
+        body = {"message": "Unauthorized" if self.status == 401 else "Forbidden"}
+        return self.status, body, {"www-authenticate": header}
 
 
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+def claim_text(value: Any) -> str | None:
+    """A claim's value as payload 2.0 puts it in `jwt.claims`: every value a string;
+    numbers and booleans as their JSON text ("1787996002", "true"); arrays in API Gateway's
+    bracket form, items space-separated ("[admin editors]", not JSON); null claims left out;
+    objects as JSON text (AWS's rendering of an object claim is not documented)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "[" + " ".join(v if isinstance(v, str) else json.dumps(v) for v in value) + "]"
+    return json.dumps(value, separators=(",", ":"))
 
 
-class DevTokens:
-    """`local.<claims>.<hmac-sha256>` tokens signed with a key made for this run."""
+def _number(claims: dict, name: str, required: bool = False) -> float | None:
+    value = claims.get(name)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Denied(f"the token's {name} claim is not a NumericDate")
+    return float(value)
 
-    issuer = "avatarflow-local"
 
-    def __init__(self, key: bytes | None = None, ttl_s: int = 24 * 3600):
-        self._key = key or secrets.token_bytes(32)
-        self.ttl_s = ttl_s
+def _token_scopes(claims: dict) -> list[str] | None:
+    """The token's scopes: `scope` (space-separated, Cognito's form) or else `scp`
+    (a list or a space-separated string); None when it has neither."""
+    for name in ("scope", "scp"):
+        value = claims.get(name)
+        if isinstance(value, str) and value.strip():
+            return value.split()
+        if isinstance(value, list) and value:
+            return [str(v) for v in value]
+    return None
 
-    def issue(self, sub: str) -> str:
-        validate_id(sub, "user_id")
-        now = int(time.time())
-        claims = {"sub": sub, "iss": self.issuer, "token_use": "access", "iat": now, "exp": now + self.ttl_s}
-        body = _b64(json.dumps(claims, separators=(",", ":")).encode())
-        return f"{TOKEN_PREFIX}.{body}.{self._sign(body)}"
 
-    def _sign(self, body: str) -> str:
-        return _b64(hmac.new(self._key, f"{TOKEN_PREFIX}.{body}".encode(), hashlib.sha256).digest())
+def _fetch_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - the template's issuer
+        return json.loads(response.read())
 
-    def verify(self, token: str) -> dict | None:
+
+class JwtVerifier:
+    """One HTTP API JWT authorizer, verifying as API Gateway documents it ("Control access
+    to HTTP APIs with JWT authorizers"): the token (with or without `Bearer `) is decoded;
+    its `alg` must be RS256 and its `kid` a key of the issuer's JWKS (from the discovery
+    document's jwks_uri, cached two hours); the RS256 signature must verify with that key;
+    `iss` must equal the configured issuer; `aud` (or, only when there is no `aud`,
+    `client_id`) must be one of the configured audiences; `exp` must be after now, `nbf`
+    and `iat` (when present) not after now. On a route with AuthorizationScopes the token's
+    `scope`/`scp` must hold one of them (else 403)."""
+
+    def __init__(self, config: JwtAuthorizer, clock: Callable[[], float] = time.time,
+                 fetch: Callable[[str], dict] = _fetch_json):
+        self.config = config
+        self.clock = clock
+        self.fetch = fetch
+        self._keys: KeySet | None = None
+        self._keys_at = 0.0
+        self._lock = threading.Lock()
+
+    def keys(self) -> KeySet:
+        with self._lock:
+            if self._keys is None or time.monotonic() - self._keys_at > JWKS_CACHE_S:
+                discovery = self.fetch(f"{self.config.issuer}/.well-known/openid-configuration")
+                jwks = self.fetch(discovery["jwks_uri"])
+                rsa = [k for k in jwks["keys"] if k.get("kty") == "RSA" and k.get("use", "sig") == "sig"]
+                self._keys = KeySet.import_key_set({"keys": rsa})
+                self._keys_at = time.monotonic()
+            return self._keys
+
+    def verify(self, authorization: str, route_scopes: tuple[str, ...] = ()) -> tuple[dict, list[str] | None]:
+        """(claims, scopes) for the Lambda event, or raises Denied. `scopes` is the token's
+        scope list on a route with AuthorizationScopes, else None (what API Gateway passes)."""
+        token = authorization.strip()
+        if token[:7].lower() == "bearer ":
+            token = token[7:].strip()
+        if not token:
+            raise Denied("the token is missing")
         parts = token.split(".")
-        if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
-            return None
-        if not hmac.compare_digest(parts[2], self._sign(parts[1])):
-            return None
         try:
-            claims = json.loads(_unb64(parts[1]))
-        except ValueError:
-            return None
-        if not isinstance(claims, dict) or claims.get("exp", 0) < time.time():
-            return None
-        return {k: str(v) for k, v in claims.items()}  # API Gateway passes claims as strings
+            header = json.loads(base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4)))
+        except (ValueError, IndexError):
+            raise Denied("the token could not be decoded") from None
+        if len(parts) != 3 or not isinstance(header, dict):
+            raise Denied("the token could not be decoded")
+        if header.get("alg") not in ALGORITHMS:
+            raise Denied(f"signing method {header.get('alg')} is invalid")
+        try:
+            keys = self.keys()
+        except (OSError, ValueError, KeyError, JoseError) as err:
+            LOG.warning("JWKS of %s unavailable: %s", self.config.issuer, err)
+            raise Denied("the issuer's keys could not be fetched") from None
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not any(k.kid == kid for k in keys):
+            raise Denied("the token's kid is not a key of the issuer")
+        try:
+            claims = jwt.decode(token, keys, algorithms=list(ALGORITHMS)).claims
+        except (JoseError, ValueError):
+            raise Denied("the token's signature is invalid") from None
+        self._check_claims(claims)
+        scopes = _token_scopes(claims)
+        if route_scopes:
+            if not scopes or not set(scopes) & set(route_scopes):
+                raise Denied("the token does not have a valid scope", 403)
+        else:
+            scopes = None
+        rendered = {k: claim_text(v) for k, v in claims.items()}
+        return {k: v for k, v in rendered.items() if v is not None}, scopes
+
+    def _check_claims(self, claims: dict) -> None:
+        if claims.get("iss") != self.config.issuer:
+            raise Denied("the token does not have a valid issuer")
+        aud = claims["aud"] if "aud" in claims else claims.get("client_id")
+        audiences = aud if isinstance(aud, list) else [aud]
+        if not any(isinstance(a, str) and a in self.config.audience for a in audiences):
+            raise Denied("the token does not have a valid audience")
+        now = self.clock()
+        if _number(claims, "exp", required=True) <= now:
+            raise Denied("the token has expired")
+        nbf = _number(claims, "nbf")
+        if nbf is not None and nbf > now:
+            raise Denied("the token is not valid yet")
+        iat = _number(claims, "iat")
+        if iat is not None and iat > now:
+            raise Denied("the token was issued in the future")
 
 
 class TokenBucket:
@@ -110,7 +219,7 @@ class HttpApi:
         self,
         routes: list[HttpRoute],
         invoke: Callable[[str, dict], tuple[object, str | None]],
-        tokens: DevTokens,
+        authorizers: dict[str, JwtAuthorizer],
         *,
         function: str = "api",
         cors: dict | None = None,
@@ -118,9 +227,15 @@ class HttpApi:
         host: str = "127.0.0.1",
         port: int = 0,
     ):
-        self.routes = [(r.method, r.path, _route_pattern(r.path)) for r in routes]
+        self.routes = [(r, _route_pattern(r.path)) for r in routes]
         self.invoke = invoke
-        self.tokens = tokens
+        missing = {r.authorizer for r in routes if r.authorizer} - set(authorizers)
+        if missing:
+            raise KeyError(f"routes name authorizers the API does not have: {sorted(missing)}")
+        for config in authorizers.values():
+            if not config.identity_source.startswith("$request.header."):
+                raise ValueError(f"only header identity sources run locally: {config.identity_source}")
+        self.verifiers = {name: JwtVerifier(config) for name, config in authorizers.items()}
         self.function = function
         self.cors = cors or {}
         self.bucket = TokenBucket(throttle.rate, throttle.burst) if throttle else None
@@ -147,12 +262,22 @@ class HttpApi:
             self._thread.join(5)
 
     # ------------------------------------------------------------------ request -> event
-    def match(self, method: str, path: str) -> tuple[str, dict] | None:
-        for route_method, route_path, pattern in self.routes:
+    def match(self, method: str, path: str) -> tuple[HttpRoute, dict] | None:
+        for route, pattern in self.routes:
             found = pattern.match(path)
-            if found and route_method in (method, "ANY"):
-                return f"{route_method} {route_path}", found.groupdict()
+            if found and route.method in (method, "ANY"):
+                return route, found.groupdict()
         return None
+
+    def authorize(self, route: HttpRoute, headers: dict[str, str]) -> dict | None:
+        """The event's `requestContext.authorizer` for this route (None: a route without an
+        authorizer), or raises Denied."""
+        if route.authorizer is None:
+            return None
+        verifier = self.verifiers[route.authorizer]
+        header = verifier.config.identity_source.removeprefix("$request.header.").lower()
+        claims, scopes = verifier.verify(headers.get(header, ""), route.scopes)
+        return {"jwt": {"claims": claims, "scopes": scopes}}
 
     def cors_headers(self, origin: str | None) -> dict[str, str]:
         allowed = self.cors.get("AllowOrigins") or []
@@ -175,7 +300,7 @@ class HttpApi:
         body: bytes,
         route_key: str,
         path_parameters: dict,
-        claims: dict,
+        authorizer: dict | None,
         source_ip: str,
     ) -> dict:
         now = datetime.now(UTC)
@@ -190,7 +315,6 @@ class HttpApi:
             "requestContext": {
                 "accountId": ACCOUNT,
                 "apiId": "local",
-                "authorizer": {"jwt": {"claims": claims, "scopes": None}},
                 "domainName": headers.get("host", "127.0.0.1"),
                 "domainPrefix": "local",
                 "http": {
@@ -209,6 +333,8 @@ class HttpApi:
             "pathParameters": path_parameters,
             "isBase64Encoded": not is_text,
         }
+        if authorizer is not None:  # a route without an authorizer has no `authorizer` key
+            event["requestContext"]["authorizer"] = authorizer
         if query:
             params: dict[str, list[str]] = {}
             for k, v in parse_qsl(query, keep_blank_values=True):
@@ -274,26 +400,22 @@ class HttpApi:
                 if api.bucket is not None and not api.bucket.take():
                     self._json(429, {"message": "Too Many Requests"}, cors)
                     return
-                auth = headers.get("authorization", "")
-                token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-                claims = api.tokens.verify(token) if token else None
-                if claims is None:
-                    self._json(
-                        401,
-                        {"message": "Unauthorized"},
-                        {**cors, "www-authenticate": 'Bearer error="invalid_token"'},
-                    )
+                route, path_parameters = matched
+                try:
+                    authorizer = api.authorize(route, headers)
+                except Denied as denied:
+                    status, answer, challenge = denied.answer(route.scopes)
+                    self._json(status, answer, {**cors, **challenge})
                     return
-                route_key, path_parameters = matched
                 event = api.event(
                     self.command,
                     split.path,
                     split.query,
                     headers,
                     body,
-                    route_key,
+                    f"{route.method} {route.path}",
                     path_parameters,
-                    claims,
+                    authorizer,
                     self.client_address[0],
                 )
                 payload, error = api.invoke(api.function, event)

@@ -11,7 +11,8 @@
   4. the SQS event source mapping of on_upload, SNS -> Lambda for on_generation_done, email
      capture to out/mail/ (event_sources);
   5. the async inference endpoint on the resident base model (async_inference);
-  6. the HTTP API adapter with dev tokens (http_api).
+  6. the local OIDC issuer (local_issuer: per-run RSA key, JWKS, RS256 tokens like Cognito's)
+     and the HTTP API adapter whose JWT authorizer trusts it (http_api).
 
 The base model is the tiny random model (built once under .cache/, no download) unless a
 diffusers folder is given; the GPU is used when torch sees one.
@@ -37,8 +38,9 @@ from avatarflow_local import training_job
 from avatarflow_local.async_inference import AsyncEndpoint
 from avatarflow_local.event_sources import MailCapture, SnsToLambda, SqsEventSource
 from avatarflow_local.functions import REPO_ROOT, load_fresh_handler
-from avatarflow_local.http_api import DevTokens, HttpApi
+from avatarflow_local.http_api import HttpApi
 from avatarflow_local.lambda_hook import LambdaHook
+from avatarflow_local.local_issuer import LocalIssuer
 from avatarflow_local.workflow_stack import REGION, LocalStackResources, create_local_stack
 
 LOG = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 0  # moto (S3 and the other AWS APIs); 0 picks a free port
     api_port: int = 0
+    issuer_port: int = 0  # the local OIDC issuer (JWKS, discovery document)
     stack_name: str = "avatarflow-local"
     train_steps: int | None = None  # tiny: 40, real: 400
     resolution: int | None = None  # tiny: 64, real: 512
@@ -103,7 +106,7 @@ class LocalRuntime:
         self.settings = settings or Settings()
         self.on_event = on_event or (lambda kind, text: LOG.info("%s: %s", kind, text))
         self.timer = Timer()
-        self.tokens = DevTokens()
+        self.issuer: LocalIssuer | None = None
         self.resources: LocalStackResources | None = None
         self.server = None
         self.hook: LambdaHook | None = None
@@ -137,7 +140,8 @@ class LocalRuntime:
         return Path(self.settings.out_dir) / "mail"
 
     def token(self, user_id: str) -> str:
-        return self.tokens.issue(user_id)
+        """A Cognito-style access token for this user from the local issuer."""
+        return self.issuer.access_token(user_id)
 
     # ------------------------------------------------------------------ lifecycle
     def _setenv(self, **values: str | None) -> None:
@@ -218,7 +222,11 @@ class LocalRuntime:
         if not s.tiny:
             # SageMaker local mode accepts file:// channels: a multi-GB model is linked, not copied.
             overrides["BaseModelS3Uri"] = self.base_model_path.as_uri() + "/"
-        self.resources = r = create_local_stack(s.stack_name, **overrides)
+        # The local issuer is the template's "OIDC issuer given as parameters" (JwtIssuer,
+        # JwtAudience): the HttpApi's JwtConfiguration resolves to its URL and client id.
+        self.issuer = LocalIssuer(s.host, s.issuer_port).start()
+        parameters = {"JwtIssuer": self.issuer.issuer, "JwtAudience": self.issuer.client_id}
+        self.resources = r = create_local_stack(s.stack_name, parameters, **overrides)
         if s.tiny:  # the template's contract: the base model is an S3 prefix (a few MB here)
             s3 = boto3.client("s3", region_name=REGION)
             for path in sorted(self.base_model_path.rglob("*")):
@@ -284,7 +292,7 @@ class LocalRuntime:
         self.api = HttpApi(
             [rt for rt in r.http_routes],
             self.hook.invoke,
-            self.tokens,
+            r.authorizers,
             cors=r.cors,
             throttle=r.throttle,
             host=s.host,
@@ -299,6 +307,8 @@ class LocalRuntime:
         self._started = False
         if self.api is not None:
             self.api.stop()
+        if self.issuer is not None:
+            self.issuer.stop()
         for poller in self.pollers:
             poller.stop()
         if self.endpoint is not None:

@@ -161,8 +161,9 @@ PSEUDO_PARAMETERS = {"AWS::AccountId": ACCOUNT, "AWS::Region": REGION, "AWS::Par
 
 
 class TemplateResolver:
-    """Resolves the intrinsic functions the local runtime needs (Ref, Fn::GetAtt, Fn::Sub)
-    against local physical ids: `physical[logical_id]` = {"Ref": ..., "Arn": ..., ...}."""
+    """Resolves the intrinsic functions the local runtime needs (Ref, Fn::GetAtt, Fn::Sub,
+    Fn::If with the template's Conditions) against local physical ids:
+    `physical[logical_id]` = {"Ref": ..., "Arn": ..., ...}."""
 
     def __init__(self, template: dict, stack_name: str, parameters: dict[str, str] | None = None):
         self.template = template
@@ -189,6 +190,25 @@ class TemplateResolver:
         except KeyError:
             raise KeyError(f"no local value for {logical_id}.{attribute}") from None
 
+    def condition(self, name: str) -> bool:
+        """A template condition, evaluated as CloudFormation does with these parameters."""
+        return bool(self._condition(self.template["Conditions"][name]))
+
+    def _condition(self, value):
+        if isinstance(value, dict) and len(value) == 1:
+            (fn, arg), = value.items()
+            if fn == "Fn::Equals":
+                return str(self._condition(arg[0])) == str(self._condition(arg[1]))
+            if fn == "Fn::Not":
+                return not self._condition(arg[0])
+            if fn == "Fn::And":
+                return all(self._condition(a) for a in arg)
+            if fn == "Fn::Or":
+                return any(self._condition(a) for a in arg)
+            if fn == "Condition":
+                return self.condition(arg)
+        return self.resolve(value)
+
     def _sub(self, text: str, variables: dict) -> str:
         def one(match: re.Match) -> str:
             name = match.group(1)
@@ -210,6 +230,9 @@ class TemplateResolver:
             if fn == "Fn::Sub":
                 text, variables = (arg, {}) if isinstance(arg, str) else (arg[0], arg[1])
                 return self._sub(text, variables)
+            if fn == "Fn::If":
+                name, when_true, when_false = arg
+                return self.resolve(when_true if self.condition(name) else when_false)
         if isinstance(value, dict):
             if any(k.startswith("Fn::") for k in value):
                 raise KeyError(f"intrinsic not supported locally: {sorted(value)}")
@@ -236,6 +259,63 @@ class EventSource:
 class HttpRoute:
     method: str
     path: str  # /users/{user_id}/generations
+    authorizer: str | None = None  # the JWT authorizer's name; None: no authorizer (SAM `Authorizer: NONE`)
+    scopes: tuple[str, ...] = ()  # AuthorizationScopes: the token must hold at least one
+
+
+@dataclass(frozen=True)
+class JwtAuthorizer:
+    """An HttpApi JWT authorizer as deployed: its JwtConfiguration resolved."""
+
+    name: str
+    issuer: str
+    audience: tuple[str, ...]
+    identity_source: str = "$request.header.Authorization"
+    scopes: tuple[str, ...] = ()  # the authorizer's AuthorizationScopes: its routes' default
+
+
+@dataclass
+class HttpApiAuth:
+    authorizers: dict[str, JwtAuthorizer]
+    default: str | None  # DefaultAuthorizer
+
+
+def http_api_auth(template: dict | None = None, parameters: dict[str, str] | None = None,
+                  physical: dict | None = None) -> HttpApiAuth:
+    """The template's HttpApi `Auth`, resolved with these parameters (and physical ids for
+    the Cognito branch of `!If [CreateUserPool, ...]`)."""
+    template = template or load_template()
+    res = TemplateResolver(template, "auth", parameters)
+    res.physical.update(physical or {})
+    for spec in _resources_of(template, "AWS::Serverless::HttpApi").values():
+        auth = spec["Properties"].get("Auth", {})
+        authorizers = {}
+        for name, conf in auth.get("Authorizers", {}).items():
+            if "JwtConfiguration" not in conf:
+                raise KeyError(f"only JWT authorizers run locally: {name}")
+            jwt = res.resolve(conf["JwtConfiguration"])
+            authorizers[name] = JwtAuthorizer(
+                name, jwt["issuer"], tuple(jwt.get("audience", [])),
+                conf.get("IdentitySource", "$request.header.Authorization"),
+                tuple(res.resolve(conf.get("AuthorizationScopes", []))))
+        return HttpApiAuth(authorizers, auth.get("DefaultAuthorizer"))
+    return HttpApiAuth({}, None)
+
+
+def http_route(props: dict, auth: HttpApiAuth) -> HttpRoute:
+    """An HttpApi event's route with SAM's rules: the event's `Auth.Authorizer`, else the
+    API's DefaultAuthorizer ("NONE": no authorizer); the event's AuthorizationScopes, else
+    the authorizer's."""
+    route = HttpRoute(props["Method"].upper(), props["Path"])
+    event_auth = props.get("Auth", {})
+    name = event_auth.get("Authorizer", auth.default)
+    if name is None or name == "NONE":
+        return route
+    if name not in auth.authorizers:
+        raise KeyError(f"route {route.method} {route.path}: no authorizer {name} on the HttpApi")
+    route.authorizer = name
+    route.scopes = tuple(event_auth.get("AuthorizationScopes") or auth.authorizers[name].scopes)
+    return route
 
 
 @dataclass
@@ -278,6 +358,7 @@ class LocalStackResources:
     cors: dict
     physical: dict
     throttle: Throttle | None = None
+    authorizers: dict[str, JwtAuthorizer] = field(default_factory=dict)
 
 
 def _resources_of(template: dict, kind: str) -> dict[str, dict]:
@@ -344,6 +425,10 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
         elif kind == "AWS::SageMaker::Endpoint":
             name = f"{stack_name}-{lid}"
             phys[lid] = {"Ref": f"arn:aws:sagemaker:{arn}:endpoint/{name.lower()}", "EndpointName": name}
+        elif kind == "AWS::Cognito::UserPool":  # no pool locally: its issuer URL names no JWKS (all 401)
+            phys[lid] = {"Ref": f"{REGION}_local"}
+        elif kind == "AWS::Cognito::UserPoolClient":
+            phys[lid] = {"Ref": "local"}
 
     s3 = boto3.client("s3", region_name=REGION)
     s3.create_bucket(Bucket=bucket)
@@ -372,6 +457,7 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
     phys[STATE_MACHINE] = {"Ref": machine_arn, "Name": machine_name}
 
     function_env, sources, routes, cors = {}, [], [], {}
+    api_auth = http_api_auth(template, parameters, phys)
     for lid, spec in _resources_of(template, "AWS::Serverless::Function").items():
         folder = function_folder(template, lid)
         variables = function_variables(template, lid)
@@ -388,7 +474,7 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
             elif event["Type"] == "SNS":
                 sources.append(EventSource(folder, "SNS", res.resolve(props["Topic"])))
             elif event["Type"] == "HttpApi":
-                routes.append(HttpRoute(props["Method"].upper(), props["Path"]))
+                routes.append(http_route(props, api_auth))
     for spec in _resources_of(template, "AWS::Lambda::EventSourceMapping").values():
         props = res.resolve(spec["Properties"])
         url = next((p["Ref"] for p in phys.values() if p.get("Arn") == props["EventSourceArn"]), None)
@@ -409,5 +495,5 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
         upload_queue_url=phys["UploadQueue"]["Ref"], state_machine_arn=machine_arn,
         endpoint_name=phys["InferenceEndpoint"]["EndpointName"], substitutions=subs,
         function_env=function_env, event_sources=sources, http_routes=routes, cors=cors, physical=phys,
-        throttle=http_api_throttle(template, parameters),
+        throttle=http_api_throttle(template, parameters), authorizers=api_auth.authorizers,
     )

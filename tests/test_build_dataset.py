@@ -162,9 +162,9 @@ def test_request_json_results_are_ignored(s3, run, person):
     ],
 )
 def test_request_json_sets_the_training_subject(s3, run, person, request_body, subject, issues):
-    if request_body is not None:
-        s3.put_object(Bucket=BUCKET, Key=f"uploads/{USER}/{BATCH}/request.json", Body=request_body)
-    _, out = run(s3, person[:2])
+    # request.json travels with the photos: listed, answered `skipped` by preprocess_image.
+    extra = [("request.json", request_body)] if request_body is not None else []
+    _, out = run(s3, [*person[:2], *extra])
     token, subject_class = subject
     assert (out["token"], out["subject_class"]) == subject
     assert out["instance_prompt"] == f"a photo of {token} {subject_class}"

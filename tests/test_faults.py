@@ -52,11 +52,11 @@ def assert_nothing_half_written(aws):
     return {r["version"]: r for r in rows}
 
 
-def test_training_job_stopped_at_max_runtime(aws, handler_of, lambda_context, monkeypatch):
+def test_training_job_stopped_at_max_runtime(aws, monkeypatch):
     """MaxRuntimeInSeconds reached: the stand-in kills the entrypoint (exit code None), as
     SageMaker stops the job; the run fails cleanly and the user hears why."""
     monkeypatch.setattr(training_job, "_run_entrypoint", lambda name, env, timeout: (None, ""))
-    arn, desc = run_batch(aws, handler_of, lambda_context, "s1", one_person_batch(8))
+    arn, desc = run_batch(aws, "s1", one_person_batch(8))
     assert desc["status"] == "FAILED" and desc["error"] == "AvatarModelFailed", failure_of(aws, arn)
     (job,) = aws["jobs"]()
     assert job["status"] == "Failed"
@@ -88,10 +88,10 @@ class SnsThrottle:
         self.session.events.unregister("before-call.sns.Publish", self)
 
 
-def test_sns_throttling_on_the_ready_notice_is_retried(aws, handler_of, lambda_context):
+def test_sns_throttling_on_the_ready_notice_is_retried(aws):
     throttle = SnsThrottle(boto3.DEFAULT_SESSION, times=2)
     try:
-        arn, desc = run_batch(aws, handler_of, lambda_context, "s2", one_person_batch(8))
+        arn, desc = run_batch(aws, "s2", one_person_batch(8))
     finally:
         throttle.remove()
     assert desc["status"] == "SUCCEEDED", failure_of(aws, arn)
@@ -103,13 +103,13 @@ def test_sns_throttling_on_the_ready_notice_is_retried(aws, handler_of, lambda_c
     assert [m["event"] for m in messages(aws)] == ["MODEL_READY"]  # told once, not three times
 
 
-def test_two_batches_of_one_user_at_once(aws, handler_of, lambda_context):
+def test_two_batches_of_one_user_at_once(aws):
     """Two batches uploaded together, their events in one SQS delivery: two executions, two
     jobs, two versions, two notices; neither run touches the other's files."""
     first, second = one_person_batch(8), one_person_batch(9)
     upload(aws, "s3a", first)
     upload(aws, "s3b", second)
-    deliver(aws, handler_of, lambda_context,
+    deliver(aws,
             s3_event(aws, "s3a", [n for n, _ in first]), s3_event(aws, "s3b", [n for n, _ in second]))
     runs = {e["name"]: e["executionArn"] for e in executions(aws)}
     assert set(runs) == {execution_name(USER, "s3a"), execution_name(USER, "s3b")}
@@ -131,7 +131,7 @@ def test_two_batches_of_one_user_at_once(aws, handler_of, lambda_context):
     assert all(m["user_id"] == USER for m in got)
 
 
-def test_spot_reclaim_resumes_from_the_checkpoint_in_one_job(aws, handler_of, lambda_context, monkeypatch):
+def test_spot_reclaim_resumes_from_the_checkpoint_in_one_job(aws, monkeypatch):
     """Managed spot on (the template's UseSpotTraining=true with its Spot stopping condition),
     a checkpoint every step; the instance is reclaimed (SIGKILL) right after step 2's
     checkpoint of 4; the stand-in starts the job again with the same checkpoints, as
@@ -139,11 +139,11 @@ def test_spot_reclaim_resumes_from_the_checkpoint_in_one_job(aws, handler_of, la
     resumed from step 2 and trained all 4 steps."""
     subs = {**aws["stack"].substitutions, "UseSpotTraining": "true", "TrainingSteps": "4",
             "CheckpointSteps": "1",
-            "StoppingConditionJson": '{\\"MaxRuntimeInSeconds\\": 600, \\"MaxWaitTimeInSeconds\\": 1200}'}
+            "MaxRuntimeSeconds": "600", "MaxWaitSeconds": "1200"}
     aws["sfn"].update_state_machine(stateMachineArn=aws["stack"].state_machine_arn,
                                     definition=render_definition(subs))
     monkeypatch.setenv(training_job.SPOT_RECLAIM_ENV, "2")
-    arn, desc = run_batch(aws, handler_of, lambda_context, "s4", one_person_batch(8))
+    arn, desc = run_batch(aws, "s4", one_person_batch(8))
     assert desc["status"] == "SUCCEEDED", failure_of(aws, arn)
     (job,) = aws["jobs"]()  # one job, not two
     assert job["status"] == "Completed" and job["spot_interruptions"] == 1

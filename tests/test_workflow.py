@@ -14,6 +14,7 @@ from pathlib import Path
 import boto3
 import pytest
 from workflow_harness import (
+    BASE_MODEL_BUCKET,
     REPO,
     USER,
     deliver,
@@ -34,11 +35,11 @@ from avatarflow.sample_photos import one_person_batch, photo_bytes, random_bytes
 pytestmark = pytest.mark.e2e  # runs the real state machine with the real handlers
 
 
-def test_happy_path_registers_model_and_emails_user(aws, handler_of, lambda_context):
+def test_happy_path_registers_model_and_emails_user(aws):
     photos = one_person_batch(10)
     request = ("request.json", json.dumps({"email": "ada@example.com", "token": "zwx",
                                            "subject_class": "woman"}).encode())
-    arn, desc = run_batch(aws, handler_of, lambda_context, "b1", [*photos, request])
+    arn, desc = run_batch(aws, "b1", [*photos, request])
     assert desc["status"] == "SUCCEEDED", failure_of(aws, arn)
 
     # One training job, on the accepted crops, with the tiny settings.
@@ -92,10 +93,10 @@ def test_happy_path_registers_model_and_emails_user(aws, handler_of, lambda_cont
     assert transitions <= 40  # issue 4's target for a 10-photo batch
 
 
-def test_too_few_usable_photos_is_rejected_with_reasons(aws, handler_of, lambda_context):
+def test_too_few_usable_photos_is_rejected_with_reasons(aws):
     files = [*one_person_batch(3), ("notes.jpg", random_bytes(2048)),
              ("landscape.png", photo_bytes("coffee", "PNG"))]
-    arn, desc = run_batch(aws, handler_of, lambda_context, "b2", files)
+    arn, desc = run_batch(aws, "b2", files)
     assert desc["status"] == "FAILED" and desc["error"] == "NotEnoughPhotos"
     assert aws["jobs"]() == []
     assert keys_under(aws, "models/") == []
@@ -108,11 +109,11 @@ def test_too_few_usable_photos_is_rejected_with_reasons(aws, handler_of, lambda_
     assert keys_under(aws, f"datasets/{USER}/b2/manifest.json")
 
 
-def test_training_failure_marks_registry_failed_and_emails(aws, handler_of, lambda_context, monkeypatch):
+def test_training_failure_marks_registry_failed_and_emails(aws, monkeypatch):
     # A base model prefix with nothing in it: the real entrypoint fails the job with a reason.
-    aws["s3"].delete_objects(Bucket=aws["stack"].bucket, Delete={"Objects": [
-        {"Key": k} for k in keys_under(aws, "base-models/")]})
-    arn, desc = run_batch(aws, handler_of, lambda_context, "b3", one_person_batch(9))
+    base = aws["s3"].list_objects_v2(Bucket=BASE_MODEL_BUCKET, Prefix="tiny-sd/")["Contents"]
+    aws["s3"].delete_objects(Bucket=BASE_MODEL_BUCKET, Delete={"Objects": [{"Key": o["Key"]} for o in base]})
+    arn, desc = run_batch(aws, "b3", one_person_batch(9))
     assert desc["status"] == "FAILED" and desc["error"] == "AvatarModelFailed"
     (job,) = aws["jobs"]()
     assert job["status"] == "Failed"
@@ -124,13 +125,13 @@ def test_training_failure_marks_registry_failed_and_emails(aws, handler_of, lamb
     assert msg["event"] == "MODEL_FAILED" and "base_model" in msg["body"] and "b3" in msg["body"]
 
 
-def test_duplicate_events_and_two_waves_make_one_execution_and_one_job(aws, handler_of, lambda_context):
+def test_duplicate_events_and_two_waves_make_one_execution_and_one_job(aws):
     photos = one_person_batch(10)
     first, second = photos[:5], photos[5:]
     upload(aws, "b4", first)
     event = s3_event(aws, "b4", [n for n, _ in first])
-    deliver(aws, handler_of, lambda_context, event, event)  # the same S3 event twice in one batch
-    deliver(aws, handler_of, lambda_context, event)  # and redelivered later
+    deliver(aws, event, event)  # the same S3 event twice in one batch
+    deliver(aws, event)  # and redelivered later
     (execution,) = executions(aws)
     arn = execution["executionArn"]
     # The second wave lands after the first listing: the settle loop must see it.
@@ -139,7 +140,7 @@ def test_duplicate_events_and_two_waves_make_one_execution_and_one_job(aws, hand
         assert time.time() < deadline
         time.sleep(0.05)
     upload(aws, "b4", second)
-    deliver(aws, handler_of, lambda_context, s3_event(aws, "b4", [n for n, _ in second]))
+    deliver(aws, s3_event(aws, "b4", [n for n, _ in second]))
     desc = wait_done(aws, arn)
     assert desc["status"] == "SUCCEEDED", failure_of(aws, arn)
     assert len(executions(aws)) == 1
@@ -151,17 +152,40 @@ def test_duplicate_events_and_two_waves_make_one_execution_and_one_job(aws, hand
     assert listed == {n for n, _ in photos}
     assert aws["hook"].calls["preprocess_image"] == 10
     # Another duplicate after the run finished still starts nothing.
-    deliver(aws, handler_of, lambda_context, event)
+    deliver(aws, event)
     assert len(executions(aws)) == 1 and len(aws["jobs"]()) == 1
     assert [m["event"] for m in messages(aws)] == ["MODEL_READY"]
 
 
-def test_transient_lambda_error_is_retried(aws, handler_of, lambda_context):
+def test_transient_lambda_error_is_retried(aws):
     aws["hook"].fail_next("preprocess_image", "TooManyRequestsException", times=2)
     aws["hook"].fail_next("register_model", "ServiceException")
-    arn, desc = run_batch(aws, handler_of, lambda_context, "b5", one_person_batch(8))
+    arn, desc = run_batch(aws, "b5", one_person_batch(8))
     assert desc["status"] == "SUCCEEDED", failure_of(aws, arn)
     assert aws["hook"].calls["preprocess_image"] == 8 + 2
     assert aws["hook"].calls["register_model"] == 2
     assert aws["table"].get_item(Key={"user_id": USER, "version": "b5"})["Item"]["status"] == "READY"
     assert [m["event"] for m in messages(aws)] == ["MODEL_READY"]
+
+
+def test_batch_emptied_before_listing_is_rejected_and_the_user_told(aws):
+    """The photos are deleted before the settle loop lists the batch: ListObjectsV2 answers
+    with KeyCount 0 and no Contents at all (as S3 does). The run ends as a rejection whose
+    notice says the batch is empty: no States.Runtime, no Map, no dataset, no job, no row."""
+    photos = one_person_batch(2)
+    upload(aws, "b6", photos)
+    event = s3_event(aws, "b6", [n for n, _ in photos])
+    aws["s3"].delete_objects(Bucket=aws["stack"].bucket, Delete={"Objects": [
+        {"Key": f"uploads/{USER}/b6/{n}"} for n, _ in photos]})
+    deliver(aws, event)
+    (execution,) = executions(aws)
+    arn = execution["executionArn"]
+    desc = wait_done(aws, arn)
+    assert desc["status"] == "FAILED" and desc["error"] == "NotEnoughPhotos", failure_of(aws, arn)
+    assert "States.Runtime" not in json.dumps(history(aws, arn), default=str)
+    assert aws["hook"].calls["preprocess_image"] == 0 and aws["hook"].calls["build_dataset"] == 0
+    assert aws["jobs"]() == [] and keys_under(aws, f"datasets/{USER}/b6/") == []
+    assert "Item" not in aws["table"].get_item(Key={"user_id": USER, "version": "b6"})
+    (msg,) = messages(aws)
+    assert msg["event"] == "MODEL_REJECTED" and msg["user_id"] == USER
+    assert "the upload batch is empty" in msg["body"] and f"uploads/{USER}/b6/" in msg["body"]

@@ -20,9 +20,9 @@ from moto import mock_aws
 
 from avatarflow.tiny_model import build_tiny_pipeline
 from avatarflow.workflow import execution_name
-from avatarflow_local import training_job
+from avatarflow_local import iam, training_job
 from avatarflow_local.lambda_hook import LambdaHook
-from avatarflow_local.workflow_stack import create_training_stack
+from avatarflow_local.workflow_stack import create_local_stack
 
 USER = "ada"
 REPO = Path(__file__).resolve().parents[1]
@@ -33,20 +33,21 @@ def tiny_model(tmp_path_factory):
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-sd")
 
 
+BASE_MODEL_BUCKET = "avatarflow-local-base-models"  # the operator's, apart from the data bucket
+
+
 @pytest.fixture
-def aws(monkeypatch, tiny_model):
+def aws(tiny_model):
+    """Every resource of template.yaml in moto, the handlers run as Lambda runs them (own
+    environment, Timeout, role) and every AWS call checked against its caller's role."""
     with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
-        stack = create_training_stack()
-        monkeypatch.setenv("BUCKET_NAME", stack.bucket)
-        monkeypatch.setenv("MODELS_TABLE", stack.table)
-        monkeypatch.setenv("TOPIC_ARN", stack.topic_arn)
-        monkeypatch.setenv("STATE_MACHINE_ARN", stack.state_machine_arn)
-        hook = LambdaHook().install()
         s3 = boto3.client("s3")
+        s3.create_bucket(Bucket=BASE_MODEL_BUCKET)
         for path in Path(tiny_model).rglob("*"):
             if path.is_file():
-                key = f"base-models/tiny-sd/{path.relative_to(tiny_model)}"
-                s3.upload_file(str(path), stack.bucket, key)
+                s3.upload_file(str(path), BASE_MODEL_BUCKET, f"tiny-sd/{path.relative_to(tiny_model)}")
+        stack = create_local_stack(BaseModelS3Uri=f"s3://{BASE_MODEL_BUCKET}/tiny-sd/")
+        hook = LambdaHook(stack.function_specs).install()
         sqs = boto3.client("sqs")
         queue = sqs.create_queue(QueueName="inbox")["QueueUrl"]
         attrs = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]
@@ -54,9 +55,11 @@ def aws(monkeypatch, tiny_model):
         boto3.client("sns").subscribe(TopicArn=stack.topic_arn, Protocol="sqs", Endpoint=queue_arn,
                                       Attributes={"RawMessageDelivery": "true"})
         jobs_before = len(training_job.JOBS)
-        yield {"stack": stack, "hook": hook, "s3": s3, "sqs": sqs, "inbox": queue,
-               "sfn": boto3.client("stepfunctions"), "table": boto3.resource("dynamodb").Table(stack.table),
-               "jobs": lambda: training_job.JOBS[jobs_before:]}
+        with iam.enforcing(stack.enforcer):
+            yield {"stack": stack, "hook": hook, "s3": s3, "sqs": sqs, "inbox": queue,
+                   "sfn": boto3.client("stepfunctions"),
+                   "table": boto3.resource("dynamodb").Table(stack.models_table),
+                   "jobs": lambda: training_job.JOBS[jobs_before:]}
         hook.uninstall()
 
 
@@ -75,9 +78,10 @@ def s3_event(aws, batch, names):
             "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:uploads", "awsRegion": "us-east-1"}
 
 
-def deliver(aws, handler_of, lambda_context, *messages):
-    result = handler_of("on_upload")({"Records": list(messages)}, lambda_context)
-    assert result == {"batchItemFailures": []}
+def deliver(aws, *messages):
+    """What the SQS event source mapping does: invoke on_upload (as Lambda runs it)."""
+    result, error = aws["hook"].invoke("on_upload", {"Records": list(messages)})
+    assert error is None and result == {"batchItemFailures": []}, result
 
 
 def wait_done(aws, arn, timeout=240):
@@ -116,9 +120,9 @@ def keys_under(aws, prefix):
     return sorted(o["Key"] for o in resp.get("Contents", []))
 
 
-def run_batch(aws, handler_of, lambda_context, batch, files):
+def run_batch(aws, batch, files):
     upload(aws, batch, files)
-    deliver(aws, handler_of, lambda_context, s3_event(aws, batch, [n for n, _ in files]))
+    deliver(aws, s3_event(aws, batch, [n for n, _ in files]))
     (execution,) = [e for e in executions(aws) if e["name"] == execution_name(USER, batch)]
     return execution["executionArn"], wait_done(aws, execution["executionArn"])
 

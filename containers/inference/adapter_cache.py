@@ -170,7 +170,10 @@ class AdapterCache:
             config_obj = self.s3.get_object(Bucket=self.bucket, Key=prefix + keys.ADAPTER_CONFIG)
         except ClientError as err:
             code = err.response.get("Error", {}).get("Code", "")
-            if code in ("404", "NoSuchKey", "NotFound"):
+            # The endpoint's role may read models/* but not list the bucket, so S3 answers a
+            # missing adapter with 403, never 404 (a denied read of models/* cannot happen
+            # otherwise: the grant covers every key there).
+            if code in ("404", "NoSuchKey", "NotFound", "403", "AccessDenied"):
                 raise AdapterNotFound(f"no adapter published for this user at version {key[1]}") from err
             raise
         if head["ContentLength"] > self.max_adapter_bytes:

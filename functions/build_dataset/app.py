@@ -65,16 +65,27 @@ def _photo_entry(result: dict, images_prefix: str) -> dict:
     }
 
 
+def _request_listed(results: list, user_id: str, batch_id: str) -> bool:
+    """Was request.json in the batch's listing? (preprocess_image answered it `skipped`.)"""
+    key = keys.upload_prefix(user_id, batch_id) + keys.REQUEST_FILE
+    return any(isinstance(r, dict) and r.get("skipped") and r.get("key") == key for r in results)
+
+
 @tracer.capture_method
 def _read_request(bucket: str, user_id: str, batch_id: str) -> tuple[dict, list[str]]:
-    """uploads/<u>/<b>/request.json -> (training subject, problems). Missing is fine."""
+    """uploads/<u>/<b>/request.json -> (training subject, problems).
+
+    Called only when the batch's listing had the file: this role may not list uploads/, and
+    S3 answers a GetObject on a missing key with 403 AccessDenied to such a caller, never
+    404. A 403 here therefore means the file was deleted after the listing (the role's
+    GetObject grant covers the key), and the batch trains with the defaults."""
     key = keys.upload_prefix(user_id, batch_id) + keys.REQUEST_FILE
     try:
         obj = boto3.client("s3").get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{MAX_REQUEST_BYTES}")
     except ClientError as err:
-        if err.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+        if err.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404", "AccessDenied", "403"):
             raise
-        return workflow.training_subject(None)
+        return workflow.training_subject(None)[0], ["request.json was removed before training: ignored"]
     body = obj["Body"].read()
     if len(body) > MAX_REQUEST_BYTES:
         return workflow.training_subject(None)[0], ["request.json is larger than 16 KB: ignored"]
@@ -132,7 +143,10 @@ def handler(event, context):
     reference = faces.mean_embedding([p["_embedding"] for p in kept])
 
     removed = _prune_images(bucket, images_prefix, {p["crop_key"] for p in kept})
-    subject, request_issues = _read_request(bucket, user_id, batch_id)
+    if _request_listed(results, user_id, batch_id):
+        subject, request_issues = _read_request(bucket, user_id, batch_id)
+    else:
+        subject, request_issues = workflow.training_subject(None)
     if request_issues:
         logger.warning("request.json values not used", extra={"issues": request_issues})
     rejections = [

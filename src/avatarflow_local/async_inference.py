@@ -28,6 +28,7 @@ import boto3
 
 from avatarflow import generations as gen
 from avatarflow import keys
+from avatarflow_local import iam
 from avatarflow_local.functions import REPO_ROOT
 from avatarflow_local.lambda_hook import _Response
 from avatarflow_local.workflow_stack import REGION
@@ -68,6 +69,7 @@ class AsyncEndpoint:
         *,
         progress: bool = False,
         on_done: Callable[[Invocation, int, dict], None] | None = None,
+        role_arn: str | None = None,
     ):
         self.endpoint_name = endpoint_name
         self.bucket = bucket
@@ -77,6 +79,9 @@ class AsyncEndpoint:
         self.cache_dir = Path(cache_dir)
         self.progress = progress
         self.on_done = on_done
+        # The model's execution role: SageMaker reads the input, writes the output and
+        # publishes the notices with it (avatarflow_local.iam checks every call).
+        self.role_arn = role_arn
         self.jobs: queue.Queue[Invocation] = queue.Queue()
         self.done: list[tuple[Invocation, int]] = []
         self.app = None
@@ -176,7 +181,8 @@ class AsyncEndpoint:
             except queue.Empty:
                 continue
             try:
-                self._serve(job)
+                with iam.acting_as(self.role_arn):
+                    self._serve(job)
             except Exception:  # noqa: BLE001 - one bad invocation never stops the endpoint
                 LOG.exception("async invocation %s could not be served", job.inference_id)
 

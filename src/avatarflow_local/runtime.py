@@ -28,13 +28,13 @@ import time
 import urllib.request
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import boto3
 
 from avatarflow.workflow import execution_name
-from avatarflow_local import training_job
+from avatarflow_local import iam, training_job
 from avatarflow_local.async_inference import AsyncEndpoint
 from avatarflow_local.event_sources import MailCapture, SnsToLambda, SqsEventSource
 from avatarflow_local.functions import REPO_ROOT, load_fresh_handler
@@ -120,6 +120,7 @@ class LocalRuntime:
         self._saved_session = None
         self._listener = None
         self._started = False
+        self._enforcing = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -213,15 +214,18 @@ class LocalRuntime:
             "Resolution": str(resolution),
             "SettleSeconds": str(s.settle_seconds),
             "MixedPrecision": "fp16" if gpu and not s.tiny else "no",
-            "StoppingConditionJson": json.dumps({"MaxRuntimeInSeconds": s.max_training_seconds}).replace(
-                '"', '\\"'
-            ),
+            "MaxRuntimeSeconds": str(s.max_training_seconds),
+            "MaxWaitSeconds": str(2 * s.max_training_seconds),
         }
         if s.min_images is not None:
             overrides["MinImages"] = str(s.min_images)
         if not s.tiny:
             # SageMaker local mode accepts file:// channels: a multi-GB model is linked, not copied.
             overrides["BaseModelS3Uri"] = self.base_model_path.as_uri() + "/"
+        else:
+            # The operator's base-model bucket, apart from the data bucket (as deployed: the
+            # roles' grants on it must not stand in for grants on the data bucket).
+            overrides["BaseModelS3Uri"] = f"s3://{s.stack_name}-base-models/{TINY_BASE_PREFIX}"
         # The local issuer is the template's "OIDC issuer given as parameters" (JwtIssuer,
         # JwtAudience): the HttpApi's JwtConfiguration resolves to its URL and client id.
         self.issuer = LocalIssuer(s.host, s.issuer_port).start()
@@ -229,22 +233,26 @@ class LocalRuntime:
         self.resources = r = create_local_stack(s.stack_name, parameters, **overrides)
         if s.tiny:  # the template's contract: the base model is an S3 prefix (a few MB here)
             s3 = boto3.client("s3", region_name=REGION)
+            base_bucket = f"{s.stack_name}-base-models"
+            s3.create_bucket(Bucket=base_bucket)
             for path in sorted(self.base_model_path.rglob("*")):
                 if path.is_file():
                     key = TINY_BASE_PREFIX + path.relative_to(self.base_model_path).as_posix()
-                    s3.upload_file(str(path), r.bucket, key)
-            assert r.substitutions["BaseModelS3Uri"] == f"s3://{r.bucket}/{TINY_BASE_PREFIX}"
+                    s3.upload_file(str(path), base_bucket, key)
 
-        env = {}
-        for variables in r.function_env.values():
-            # The log level stays the runtime's (WARNING unless --verbose), not the Globals' INFO.
-            env.update({k: v for k, v in variables.items()
-                        if k not in ("POWERTOOLS_SERVICE_NAME", "POWERTOOLS_LOG_LEVEL")})
+        # Each function runs with its own environment from the template; two local changes:
+        # the log level stays the runtime's (WARNING unless --verbose), not the Globals' INFO,
+        # and with the tiny model the API accepts its 64 px size.
+        local = {"POWERTOOLS_LOG_LEVEL": "INFO" if s.verbose else "WARNING"}
         if s.tiny:
-            env.update(MIN_IMAGE_SIZE=str(resolution), DEFAULT_IMAGE_SIZE=str(resolution))
-        self._setenv(**env)
-        handlers = {name: load_fresh_handler(name) for name in r.function_env}
-        self.hook = LambdaHook(handlers).install()
+            local.update(MIN_IMAGE_SIZE=str(resolution), DEFAULT_IMAGE_SIZE=str(resolution))
+        specs = {name: replace(spec, environment={**spec.environment, **local})
+                 for name, spec in r.function_specs.items()}
+        self.hook = LambdaHook(specs, loader=load_fresh_handler).install()
+        # From here on every AWS call of a function, the state machine, a training job or
+        # the endpoint is checked against its role from template.yaml.
+        self._enforcing = iam.enforcing(r.enforcer)
+        self._enforcing.__enter__()
         self._listener = self._on_training_output
         training_job.LISTENERS.append(self._listener)
         self.timer.add("create resources from template.yaml", time.monotonic() - t)
@@ -258,6 +266,7 @@ class LocalRuntime:
             self.base_model_path,
             Path(s.out_dir) / ".adapter-cache",
             progress=s.progress,
+            role_arn=r.inference_role_arn,
             on_done=lambda job, status, body: self.on_event(
                 "endpoint",
                 f"generation {job.inference_id}: HTTP {status} ({len(body.get('images', []))} images)"
@@ -317,6 +326,9 @@ class LocalRuntime:
             training_job.LISTENERS.remove(self._listener)
         if self.hook is not None:
             self.hook.uninstall()
+        if self._enforcing is not None:
+            self._enforcing.__exit__(None, None, None)
+            self._enforcing = None
         from moto.core.config import default_user_config
 
         if self._saved_sfn_config is not None:

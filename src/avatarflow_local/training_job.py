@@ -48,9 +48,12 @@ from urllib.parse import urlparse
 
 import boto3
 
+from avatarflow_local import iam
 from avatarflow_local.functions import REPO_ROOT
 
 FUNCTION_NAME = "avatarflow-local-training-job"
+# The EventBridge rule Step Functions manages for sagemaker:createTrainingJob.sync.
+SYNC_RULE = "StepFunctionsGetEventsForSageMakerTrainingJobsRule"
 ENTRYPOINT_ENV = "AVATARFLOW_TRAINING_ENTRYPOINT"
 SPOT_RECLAIM_ENV = "AVATARFLOW_LOCAL_SPOT_RECLAIM_AFTER_STEP"
 KILL_AFTER_STEP_ENV = "AVATARFLOW_KILL_AFTER_STEP"  # containers/training/train_dreambooth_lora.py
@@ -232,6 +235,30 @@ def run_training_job(request: dict, s3=None) -> dict:
     }
 
 
+def iam_region() -> str:
+    return os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+
+
+def iam_account() -> str:
+    return "123456789012"  # moto's default account, which the local stack's ARNs use
+
+
+def iam_requests(request: dict) -> list[iam.Request]:
+    """What the state machine's role must allow for createTrainingJob.sync (AWS: "IAM
+    policies for calling Amazon SageMaker AI"): create, tag, pass the job's role, describe
+    and stop the job, and the managed EventBridge rule the .sync pattern polls through."""
+    params = {"TrainingJobName": request.get("TrainingJobName", ""), "RoleArn": request.get("RoleArn", ""),
+              "Tags": request.get("Tags")}
+    found = iam.requests_for("sagemaker", "CreateTrainingJob", params, iam_region(), iam_account())
+    for operation in ("DescribeTrainingJob", "StopTrainingJob"):
+        found += iam.requests_for("sagemaker", operation, params, iam_region(), iam_account())
+    for operation in ("PutTargets", "PutRule", "DescribeRule"):
+        found += iam.requests_for("events", operation, {"Name": SYNC_RULE}, iam_region(), iam_account())
+    return found
+
+
 def handler(event: dict, context=None) -> dict:
-    """Lambda-shaped entry point for the lambda hook."""
-    return run_training_job(event)
+    """Lambda-shaped entry point for the lambda hook. SageMaker reads the channels and
+    writes the model and checkpoints with the role the job was given (RoleArn)."""
+    with iam.acting_as(event.get("RoleArn")):
+        return run_training_job(event)

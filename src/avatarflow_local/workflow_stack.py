@@ -17,9 +17,9 @@ from pathlib import Path
 import boto3
 import yaml
 
-from avatarflow_local import training_job
+from avatarflow_local import iam, training_job
 from avatarflow_local.functions import REPO_ROOT
-from avatarflow_local.lambda_hook import function_name_of
+from avatarflow_local.lambda_hook import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, FunctionSpec, function_name_of
 
 TEMPLATE = REPO_ROOT / "template.yaml"
 DEFINITION = REPO_ROOT / "statemachines" / "train_avatar.asl.json"
@@ -91,7 +91,8 @@ def local_substitutions(bucket: str, table: str, topic_arn: str, **overrides: st
         "BaseModelS3Uri": f"s3://{bucket}/base-models/tiny-sd/",
         "TrainingInstanceType": "ml.m5.large",
         "UseSpotTraining": "false",
-        "StoppingConditionJson": '{\\"MaxRuntimeInSeconds\\": 600}',
+        "MaxRuntimeSeconds": "600",
+        "MaxWaitSeconds": "1200",
         "TrainingSteps": "2",
         "CheckpointSteps": "100",
         "Resolution": "64",
@@ -156,6 +157,7 @@ def create_training_stack(bucket: str = "avatarflow-local", name: str = "avatarf
 # declarations (table keys and indexes, queue redrive, bucket notifications, topics,
 # function environments and event sources), so a change to template.yaml shows up locally.
 
+NO_VALUE = {"Ref": "AWS::NoValue"}  # a property or list item CloudFormation drops
 PSEUDO_PARAMETERS = {"AWS::AccountId": ACCOUNT, "AWS::Region": REGION, "AWS::Partition": "aws",
                      "AWS::URLSuffix": "amazonaws.com"}
 
@@ -233,12 +235,21 @@ class TemplateResolver:
             if fn == "Fn::If":
                 name, when_true, when_false = arg
                 return self.resolve(when_true if self.condition(name) else when_false)
+            if fn == "Fn::Select":
+                return self.resolve(arg[1])[int(self.resolve(arg[0]))]
+            if fn == "Fn::Split":
+                return str(self.resolve(arg[1])).split(arg[0])
+            if fn == "Fn::Join":
+                return arg[0].join(str(v) for v in self.resolve(arg[1]))
+            if fn == "Fn::FindInMap":
+                name, first, second = (self.resolve(a) for a in arg)
+                return self.template["Mappings"][name][str(first)][str(second)]
         if isinstance(value, dict):
             if any(k.startswith("Fn::") for k in value):
                 raise KeyError(f"intrinsic not supported locally: {sorted(value)}")
-            return {k: self.resolve(v) for k, v in value.items()}
+            return {k: self.resolve(v) for k, v in value.items() if v != NO_VALUE}
         if isinstance(value, list):
-            return [self.resolve(v) for v in value]
+            return [self.resolve(v) for v in value if v != NO_VALUE]
         return value
 
 
@@ -359,6 +370,11 @@ class LocalStackResources:
     physical: dict
     throttle: Throttle | None = None
     authorizers: dict[str, JwtAuthorizer] = field(default_factory=dict)
+    # How Lambda runs each function (environment, Timeout, MemorySize, role) and the IAM
+    # roles every local AWS call is checked against (iam.enforcing(resources.enforcer)).
+    function_specs: dict[str, FunctionSpec] = field(default_factory=dict)
+    enforcer: iam.Enforcer | None = None
+    inference_role_arn: str | None = None
 
 
 def _resources_of(template: dict, kind: str) -> dict[str, dict]:
@@ -449,7 +465,7 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
     machine = template["Resources"][STATE_MACHINE]["Properties"]
     machine_name = res.resolve(machine["Name"])
     subs = local_substitutions(bucket, phys["ModelsTable"]["Ref"], phys["NotificationTopic"]["Ref"],
-                               **substitution_overrides)
+                               **{"TrainingRoleArn": phys["TrainingRole"]["Arn"], **substitution_overrides})
     machine_arn = boto3.client("stepfunctions", region_name=REGION).create_state_machine(
         name=machine_name, definition=render_definition(subs),
         roleArn=f"arn:aws:iam::{ACCOUNT}:role/{stack_name}-{STATE_MACHINE}",
@@ -487,7 +503,11 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
     for spec in _resources_of(template, "AWS::Serverless::HttpApi").values():
         cors = res.resolve(spec["Properties"].get("CorsConfiguration", {}))
 
+    roles, enforcer = _stack_roles(template, res, subs)
+    specs = function_specs(template, function_env, roles)
     return LocalStackResources(
+        function_specs=specs, enforcer=enforcer, inference_role_arn=res.resolve(
+            template["Resources"]["InferenceModel"]["Properties"]["ExecutionRoleArn"]),
         stack_name=stack_name, bucket=bucket, models_table=phys["ModelsTable"]["Ref"],
         generations_table=phys["GenerationsTable"]["Ref"], topic_arn=phys["NotificationTopic"]["Ref"],
         inference_success_topic=phys["InferenceSuccessTopic"]["Ref"],
@@ -497,3 +517,77 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
         function_env=function_env, event_sources=sources, http_routes=routes, cors=cors, physical=phys,
         throttle=http_api_throttle(template, parameters), authorizers=api_auth.authorizers,
     )
+
+
+# --------------------------------------------------------------------------- Lambda and IAM as deployed
+
+SAM_CODE_PLACEHOLDERS = {
+    # What `sam validate` does before translating: local code paths become S3 locations.
+    "AWS::Serverless::Function": "CodeUri",
+    "AWS::Serverless::LayerVersion": "ContentUri",
+    "AWS::Serverless::StateMachine": "DefinitionUri",
+}
+
+
+@cache
+def sam_translated(path: Path = TEMPLATE) -> dict:
+    """template.yaml as `sam deploy` sends it to CloudFormation: SAM's own transform
+    (generated roles, policy templates expanded, the managed policies SAM attaches)."""
+    from samtranslator.translator.transform import transform
+    from samtranslator.yaml_helper import yaml_parse
+
+    class NoManagedPolicyLookup:
+        def load(self):
+            return {}
+
+    template = yaml_parse(path.read_text(encoding="utf-8"))
+    for name, resource in template["Resources"].items():
+        props, field_name = resource.get("Properties", {}), SAM_CODE_PLACEHOLDERS.get(resource["Type"])
+        if resource["Type"] == "AWS::Serverless::Function" and props.get("PackageType") == "Image":
+            props.setdefault("ImageUri", f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/avatarflow:local")
+        elif field_name and isinstance(props.get(field_name), str):
+            props[field_name] = f"s3://local-artifacts/{name}"
+    return transform(template, {}, NoManagedPolicyLookup())
+
+
+def _stack_roles(template: dict, res: TemplateResolver, subs: dict) -> tuple[dict[str, str], iam.Enforcer]:
+    """({function logical id: role ARN}, the enforcer holding every role of the stack)."""
+    translated = sam_translated()
+    parameters = {**res.parameters, "BaseModelS3Uri": subs["BaseModelS3Uri"],
+                  "TrainingImageUri": subs["TrainingImageUri"]}
+    if not parameters.get("InferenceImageUri"):
+        parameters["InferenceImageUri"] = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/avatarflow-infer:local"
+    deployed = TemplateResolver(translated, res.stack_name, parameters)
+    deployed.physical.update(res.physical)
+    for lid, resource in translated["Resources"].items():
+        if resource["Type"] == "AWS::IAM::Role" and lid not in deployed.physical:
+            deployed.physical[lid] = {"Arn": f"arn:aws:iam::{ACCOUNT}:role/{res.stack_name}-{lid}"}
+    statements = iam.role_statements(translated, deployed.resolve)
+    by_arn = {deployed.physical[lid]["Arn"]: s for lid, s in statements.items()}
+    function_roles = {
+        lid: deployed.resolve(resource["Properties"]["Role"])
+        for lid, resource in translated["Resources"].items() if resource["Type"] == "AWS::Lambda::Function"
+    }
+    machine_role = deployed.resolve(translated["Resources"][STATE_MACHINE]["Properties"]["RoleArn"])
+    enforcer = iam.Enforcer(by_arn, machine_role, REGION, ACCOUNT,
+                            stand_ins={training_job.FUNCTION_NAME: training_job.iam_requests})
+    return {lid: arn for lid, arn in function_roles.items() if lid in template["Resources"]}, enforcer
+
+
+def function_specs(template: dict, function_env: dict[str, dict[str, str]],
+                   roles: dict[str, str]) -> dict[str, FunctionSpec]:
+    """{functions/<folder>: FunctionSpec}: environment, Timeout (Lambda's 3 s when neither
+    the function nor Globals set one), MemorySize (128 MB likewise) and role, as deployed."""
+    shared = template.get("Globals", {}).get("Function", {})
+    specs = {}
+    for lid, resource in _resources_of(template, "AWS::Serverless::Function").items():
+        props = resource["Properties"]
+        folder = function_folder(template, lid)
+        specs[folder] = FunctionSpec(
+            name=folder,
+            environment=dict(function_env[folder]),
+            timeout_s=float(props.get("Timeout", shared.get("Timeout", DEFAULT_TIMEOUT_S))),
+            memory_mb=int(props.get("MemorySize", shared.get("MemorySize", DEFAULT_MEMORY_MB))),
+            role_arn=roles[lid],
+        )
+    return specs

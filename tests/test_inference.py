@@ -514,57 +514,64 @@ def _get_json(url: str, timeout: float = 5) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
-@pytest.mark.e2e
-def test_real_gunicorn_server_serves_ping_and_errors(world, tmp_path):
-    """The production server as `serve` starts it (gunicorn, config file), on a free port,
-    against a moto S3 server: /ping, a 400, a 404 and a real generation."""
-    with _serving(world, tmp_path, [str(REPO / "containers/inference/serve")]) as (base, s3):
-        assert _post(base, b"{oops")[0] == 400
-        assert _post(base, json.dumps(request("srv0", "ghost")).encode())[0] == 404
-        status, result = _post(base, json.dumps(request("srv1", "alice", num_images=1)).encode())
-        assert status == 200, result
-        assert s3.head_object(Bucket=BUCKET, Key="generations/alice/srv1/000.png")["ContentLength"] > 0
+STEP_DELAY_S = 0.12  # tests/inference_probe.py: each UNet forward sleeps this long first
+
+
+@pytest.fixture(scope="module")
+def server(world, tmp_path_factory):
+    """The production server as SageMaker starts it (`serve`: gunicorn with
+    inference_gunicorn_conf.py), serving the real app and engine through tests/inference_probe.py,
+    which slows each denoising step to STEP_DELAY_S and counts concurrency. One boot (~10 s)
+    for the tests below; only started when an e2e test asks for it."""
+    argv = [str(REPO / "containers/inference/serve"), "inference_probe:create_probe_app()"]
+    env = {"PYTHONPATH": f"{REPO / 'src'}:{REPO / 'tests'}", "AVATARFLOW_PROBE_STEP_S": str(STEP_DELAY_S)}
+    with _serving(world, tmp_path_factory.mktemp("server"), argv, env) as served:
+        yield served
 
 
 @pytest.mark.e2e
-def test_ping_answers_within_2s_while_generations_run_one_at_a_time(world, tmp_path):
-    """SageMaker's health check gives up on GET /ping after 2 s. The production gunicorn
-    settings (inference_gunicorn_conf.py) with the real app, its UNet slowed to ~2 s per
-    generation by tests/inference_probe.py: two invocations are sent at once and /ping is
-    polled while they run. Every ping answers 200 "healthy" (busy) within 2 s; both
-    invocations are inside the worker together, yet never inside the UNet together."""
-    argv = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--config",
-        "inference_gunicorn_conf.py",
-        "inference_probe:create_probe_app()",
-    ]
-    env = {"PYTHONPATH": f"{REPO / 'src'}:{REPO / 'tests'}", "AVATARFLOW_PROBE_STEP_S": "0.12"}
-    steps = 16  # one UNet forward per step (guidance is batched): ~2 s per generation
-    with _serving(world, tmp_path, argv, env) as (base, _s3):
-        results: dict[str, tuple[int, dict]] = {}
+def test_real_gunicorn_server_serves_ping_and_errors(server):
+    """Over HTTP, on a free port, against a moto S3 server: /ping, a 400, a 404 and a real
+    generation."""
+    base, s3 = server
+    assert _get_json(base + "/ping") == (200, {"status": "healthy", "busy": False})
+    assert _post(base, b"{oops")[0] == 400
+    assert _post(base, json.dumps(request("srv0", "ghost")).encode())[0] == 404
+    status, result = _post(base, json.dumps(request("srv1", "alice", num_images=1)).encode())
+    assert status == 200, result
+    assert s3.head_object(Bucket=BUCKET, Key="generations/alice/srv1/000.png")["ContentLength"] > 0
 
-        def invoke(gen_id: str) -> None:
-            body = request(gen_id, "alice", num_images=1, steps=steps)
-            results[gen_id] = _post(base, json.dumps(body).encode())
 
-        workers = [threading.Thread(target=invoke, args=(f"busy{i}",)) for i in range(2)]
-        for worker in workers:
-            worker.start()
-        pings: list[tuple[float, int, dict]] = []
-        while any(worker.is_alive() for worker in workers):
-            start = time.perf_counter()
-            try:
-                status, body = _get_json(base + "/ping", timeout=10)
-            except OSError as err:  # a ping that never came back counts as a failed check
-                status, body = 0, {"error": repr(err)}
-            pings.append((time.perf_counter() - start, status, body))
-            time.sleep(0.2)
-        for worker in workers:
-            worker.join()
-        probe = _get_json(base + "/probe")[1]
+@pytest.mark.e2e
+def test_ping_answers_within_2s_while_generations_run_one_at_a_time(server):
+    """SageMaker's health check gives up on GET /ping after 2 s. Two invocations of ~2 s each
+    (16 slowed steps) are sent at once and /ping is polled while they run: every ping answers
+    200 "healthy" (busy) within 2 s; both invocations are inside the worker together, yet never
+    inside the UNet together (the pipeline is not thread-safe)."""
+    base, _s3 = server
+    steps = 16  # one UNet forward per step (guidance is batched)
+    before = _get_json(base + "/probe")[1]
+    results: dict[str, tuple[int, dict]] = {}
+
+    def invoke(gen_id: str) -> None:
+        body = request(gen_id, "alice", num_images=1, steps=steps)
+        results[gen_id] = _post(base, json.dumps(body).encode())
+
+    workers = [threading.Thread(target=invoke, args=(f"busy{i}",)) for i in range(2)]
+    for worker in workers:
+        worker.start()
+    pings: list[tuple[float, int, dict]] = []
+    while any(worker.is_alive() for worker in workers):
+        start = time.perf_counter()
+        try:
+            status, body = _get_json(base + "/ping", timeout=10)
+        except OSError as err:  # a ping that never came back counts as a failed check
+            status, body = 0, {"error": repr(err)}
+        pings.append((time.perf_counter() - start, status, body))
+        time.sleep(0.2)
+    for worker in workers:
+        worker.join()
+    probe = _get_json(base + "/probe")[1]
 
     assert [results[g][0] for g in ("busy0", "busy1")] == [200, 200], results
     slow = [p for p in pings if p[0] >= 2.0 or p[1] != 200 or p[2].get("status") != "healthy"]
@@ -575,4 +582,4 @@ def test_ping_answers_within_2s_while_generations_run_one_at_a_time(world, tmp_p
     # and the engine's lock still let only one of them into the model at a time.
     assert probe["max_requests"] == 2, probe
     assert probe["max_in_model"] == 1, probe
-    assert probe["model_calls"] == 2 * steps, probe
+    assert probe["model_calls"] - before["model_calls"] == 2 * steps, probe

@@ -6,6 +6,8 @@ TOOLS_VENV ?= .venv-tools
 CHECKOV_VENV ?= .venv-checkov
 PY := $(VENV)/bin/python
 TOOLS := $(TOOLS_VENV)/bin
+ASL_TOOL := tools/asl
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 # Two shared cores: torch's default threading is 5-20x slower here.
 export OMP_NUM_THREADS ?= 1
@@ -37,7 +39,7 @@ $(VENV)/.installed: lock/dev.txt
 	touch $@
 
 # Linters that pin their own versions of shared libraries live apart from the runtime deps.
-tools: $(TOOLS_VENV)/.installed $(CHECKOV_VENV)/.installed
+tools: $(TOOLS_VENV)/.installed $(CHECKOV_VENV)/.installed $(ASL_TOOL)/node_modules/.installed
 
 $(TOOLS_VENV)/.installed: lock/tools.txt
 	test -x $(TOOLS)/python || $(PYTHON) -m venv $(TOOLS_VENV)
@@ -50,6 +52,16 @@ $(CHECKOV_VENV)/.installed: lock/checkov.txt
 	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
 	$(CHECKOV_VENV)/bin/python $(PIP_FROM_LOCK) -r lock/checkov.txt
 	$(PYTHON) scripts/lock.py --check-installed checkov --python $(CHECKOV_VENV)/bin/python
+	touch $@
+
+# AWS's Amazon States Language service (npm amazon-states-language-service, what the AWS
+# Toolkit validates with) for tests/test_asl_rules.py. `npm ci` installs exactly
+# package-lock.json (integrity hashes) and fails when it disagrees with package.json; no
+# install scripts run. Node and npm come from Debian's packages where they are missing.
+$(ASL_TOOL)/node_modules/.installed: $(ASL_TOOL)/package.json $(ASL_TOOL)/package-lock.json
+	command -v node >/dev/null && command -v npm >/dev/null || \
+		($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends nodejs npm)
+	cd $(ASL_TOOL) && npm ci --ignore-scripts --no-audit --no-fund
 	touch $@
 
 # Refresh every lock/*.txt on purpose (newest versions pyproject's ranges and lock/*.in allow),
@@ -96,4 +108,4 @@ up: install
 	$(PY) -m avatarflow_local up $(UP_ARGS)
 
 clean:
-	rm -rf $(VENV) $(TOOLS_VENV) $(CHECKOV_VENV) .pytest_cache .ruff_cache out
+	rm -rf $(VENV) $(TOOLS_VENV) $(CHECKOV_VENV) $(ASL_TOOL)/node_modules .pytest_cache .ruff_cache out

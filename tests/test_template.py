@@ -138,12 +138,7 @@ def test_moto_parser_accepts_the_rendered_definition():
             name="check", definition=render_definition(subs), roleArn="arn:aws:iam::123456789012:role/r"
         )["stateMachineArn"]
         assert sfn.describe_state_machine(stateMachineArn=arn)["status"] == "ACTIVE"
-    # With the cloud values the definition is still JSON (StoppingCondition spliced in).
-    cloud = dict(
-        subs, StoppingConditionJson='{\\"MaxRuntimeInSeconds\\": 3600, \\"MaxWaitTimeInSeconds\\": 7200}'
-    )
-    train = json.loads(render_definition(cloud))["States"]["Train"]["Parameters"]
-    assert train["StoppingCondition.$"].startswith('States.StringToJson(\'{"MaxRuntimeInSeconds"')
+    # The cloud values (every MaxTrainingMinutes, spot or not): tests/test_asl_rules.py.
 
 
 def _statements(template):

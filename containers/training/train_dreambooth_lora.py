@@ -576,6 +576,13 @@ def _batch_indices(step: int, batch: int, n: int, seed: int) -> list[int]:
     return out
 
 
+def metric_line(step: int, loss: float, step_time: float) -> str:
+    """The one plain stdout line per step that the Train state's MetricDefinitions scrape into
+    the SageMaker console (train:step, train:loss, train:step_time; docs/architecture.md).
+    The trainer computes no identity score (that is the inference container's), so none is printed."""
+    return f"step={step} loss={loss:.6f} step_time={step_time:.4f}"
+
+
 def train(paths: Paths, hp: Hyperparameters, log=print) -> dict:
     import torch
     from tqdm.auto import tqdm
@@ -701,8 +708,7 @@ def train(paths: Paths, hp: Hyperparameters, log=print) -> dict:
         step_times.append(time.perf_counter() - t0)
         done = step + 1
         bar.update(1)
-        # One plain line per step, scraped by the SageMaker MetricDefinitions (docs/architecture.md).
-        bar.write(f"step={done} loss={losses[-1]:.6f} step_time={step_times[-1]:.4f}", file=sys.stdout)
+        bar.write(metric_line(done, losses[-1], step_times[-1]), file=sys.stdout)
         if done % hp.checkpointing_steps == 0 or done == hp.max_train_steps:
             save_checkpoint(paths, done, models, optimizer, scaler, losses, signature)
             if done == kill_after:

@@ -66,14 +66,22 @@ def ready(user_id: str, batch_id: str, version: str, metrics: dict | None, datas
 
 
 def rejected(user_id: str, batch_id: str, dataset: dict) -> dict:
+    """Too few usable photos; `empty_batch` (set by the state machine when the listing found
+    nothing, e.g. the photos were deleted before training started) says so instead."""
     accepted = dataset.get("accepted", 0)
     needed = dataset.get("min_images")
     rejections = dataset.get("rejections") or []
-    lines = [
-        "We could not train your avatar model: too few usable photos.",
-        "",
-        f"Usable photos: {accepted}" + (f"; at least {needed} are needed." if needed is not None else "."),
-    ]
+    if dataset.get("empty_batch"):
+        lines = [
+            "We could not train your avatar model: the upload batch is empty.",
+            "",
+            f"No photos were found in uploads/{user_id}/{batch_id}/ when training was about to start"
+            " (they were deleted, or never finished uploading).",
+        ]
+    else:
+        needed_text = f"; at least {needed} are needed." if needed is not None else "."
+        lines = ["We could not train your avatar model: too few usable photos.", "",
+                 f"Usable photos: {accepted}{needed_text}"]
     if rejections:
         lines += ["", "Photos we could not use, and why:", *_rejection_lines(rejections)]
     lines += [

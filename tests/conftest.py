@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 
 # The workflow fixtures (moto with the real state machine, the tiny base model), shared by
 # tests/test_workflow.py and tests/test_faults.py without one test file importing another.
-from workflow_harness import aws, tiny_model  # noqa: E402, F401
+from workflow_harness import aws, stack, tiny_model  # noqa: E402, F401
 
 from avatarflow_local.functions import load_handler  # noqa: E402
 

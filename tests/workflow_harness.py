@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import boto3
 import pytest
@@ -34,6 +35,20 @@ def tiny_model(tmp_path_factory):
 
 
 BASE_MODEL_BUCKET = "avatarflow-local-base-models"  # the operator's, apart from the data bucket
+
+
+@pytest.fixture
+def stack():
+    """Every resource of template.yaml in moto (tables with their indexes and TTL, queues,
+    topics, the bucket, the state machine), nothing hand-built. `stack.call(name, event)`
+    runs functions/<name> as Lambda runs it (own environment, Timeout, role) and returns its
+    result or raises its exception; every AWS call it makes is checked against its role."""
+    with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
+        resources = create_local_stack()
+        hook = LambdaHook(resources.function_specs)
+        with iam.enforcing(resources.enforcer):
+            yield SimpleNamespace(resources=resources, hook=hook, call=hook.call, invoke=hook.invoke,
+                                  enforcer=resources.enforcer)
 
 
 @pytest.fixture

@@ -159,9 +159,16 @@ if ("before-call", _refuse_after_timeout) not in botocore_handlers.BUILTIN_HANDL
     botocore_handlers.BUILTIN_HANDLERS.append(("before-call", _refuse_after_timeout))
 
 
-def run_as_lambda(spec: FunctionSpec, load: Callable[[], Handler], event: object,
-                  hidden: frozenset[str] = frozenset()) -> tuple[object, str | None]:
-    """Invoke one handler as Lambda would: (payload, function_error or None).
+class LambdaTimeout(Exception):
+    """The handler outlived its Timeout (what `call` raises; Invoke returns Sandbox.Timedout)."""
+
+
+def run_as_lambda(
+    spec: FunctionSpec, load: Callable[[], Handler], event: object,
+    hidden: frozenset[str] = frozenset(), *, raise_errors: bool = False,
+) -> tuple[object, str | None]:
+    """Invoke one handler as Lambda would: (payload, function_error or None). With
+    `raise_errors` (for tests) the handler's own exception, or LambdaTimeout, is raised.
 
     `hidden`: variables of other functions, removed from the view of the process
     environment this invocation starts from. `load` runs inside the invocation (Lambda's
@@ -190,6 +197,7 @@ def run_as_lambda(spec: FunctionSpec, load: Callable[[], Handler], event: object
             except Exception as err:  # noqa: BLE001 - an unhandled error is a Lambda result, not a crash
                 LOG.info("function %s raised %s: %s", spec.name, type(err).__name__, err)
                 outcome["error"] = _error_payload(err)
+                outcome["exception"] = err
             finally:
                 started.set()
 
@@ -200,10 +208,14 @@ def run_as_lambda(spec: FunctionSpec, load: Callable[[], Handler], event: object
     worker.join(spec.timeout_s)
     if worker.is_alive():
         invocation["timed_out"] = True
+        if raise_errors:
+            raise LambdaTimeout(f"{spec.name} timed out after {spec.timeout_s:.2f} seconds")
         LOG.info("function %s timed out after %.2f s", spec.name, spec.timeout_s)
         message = f"RequestId: {uuid.uuid4()} Error: Task timed out after {spec.timeout_s:.2f} seconds"
         return {"errorType": "Sandbox.Timedout", "errorMessage": message}, "Unhandled"
     if "error" in outcome:
+        if raise_errors:
+            raise outcome["exception"]
         return outcome["error"], "Unhandled"
     return outcome.get("payload"), None
 
@@ -300,6 +312,13 @@ class LambdaHook:
                 "Invoke",
             )
         return run_as_lambda(self.specs[name], lambda: self._load(name), event, self._hidden)
+
+    def call(self, name: str, event: object) -> object:
+        """Run one function as Lambda would and return its result; its exception (or
+        LambdaTimeout) is raised here, so a test can assert on it."""
+        payload, _ = run_as_lambda(self.specs[name], lambda: self._load(name), event, self._hidden,
+                                   raise_errors=True)
+        return payload
 
     def _on_invoke(self, params: dict, **_kwargs):
         # params is the serialized request: the function name sits in the URL path.

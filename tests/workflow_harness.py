@@ -104,9 +104,17 @@ def wait_done(aws, arn, timeout=240):
     while time.time() < deadline:
         desc = aws["sfn"].describe_execution(executionArn=arn)
         if desc["status"] != "RUNNING":
+            assert_no_runtime_error(aws, arn)
             return desc
         time.sleep(0.2)
     raise AssertionError("execution still running")
+
+
+def assert_no_runtime_error(aws, arn):
+    """moto's `Catch: States.ALL` catches States.Runtime; AWS's does not (the execution just
+    fails, nobody is told). Any States.Runtime in a run is therefore a failure here."""
+    runtime = [e for e in history(aws, arn) if "States.Runtime" in json.dumps(e, default=str)]
+    assert not runtime, f"States.Runtime (uncatchable on AWS) in {arn}: {runtime[:2]}"
 
 
 def failure_of(aws, arn):

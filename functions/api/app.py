@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from avatarflow import __version__, keys
 from avatarflow import generations as gen
 from avatarflow.ids import ID_PATTERN, InvalidIdError, new_id, validate_id
+from avatarflow.workflow import MAX_BATCH_PHOTOS
 
 logger = Logger(service="api")
 tracer = Tracer(service="api")
@@ -48,7 +49,8 @@ MAX_IMAGE_SIZE = int(os.environ.get("MAX_IMAGE_SIZE", "1024"))
 DEFAULT_IMAGE_SIZE = min(
     max(int(os.environ.get("DEFAULT_IMAGE_SIZE", "512")), MIN_IMAGE_SIZE), MAX_IMAGE_SIZE
 )
-MAX_UPLOAD_FILES = 30
+# One call makes one batch: its photos are the batch's (request.json comes on top).
+MAX_UPLOAD_FILES = MAX_BATCH_PHOTOS
 UPLOAD_CONTENT_TYPES = ("image/jpeg", "image/png", "image/webp", "image/heic")
 
 # A deliberately small, conservative list: the endpoint's output safety checker is the

@@ -11,6 +11,16 @@ MODEL_REJECTED = "MODEL_REJECTED"
 MODEL_FAILED = "MODEL_FAILED"
 EVENTS = (MODEL_READY, MODEL_REJECTED, MODEL_FAILED)
 
+# One batch is at most MAX_BATCH_PHOTOS photos plus request.json. The API's upload route
+# hands out forms for at most that many photos per batch; the state machine's listing reads
+# MAX_BATCH_FILES keys (ListUploads MaxKeys, tests/test_batch_endings.py checks they agree),
+# and build_dataset uses at most MAX_BATCH_PHOTOS photos: files past the limit are ignored
+# and the email names them.
+MAX_BATCH_PHOTOS = 30
+MAX_BATCH_FILES = MAX_BATCH_PHOTOS + 1  # + request.json
+# How many ignored file names the state machine fetches (a second listing page) to name them.
+MAX_IGNORED_LISTED = 100
+
 # Registry row status values (DynamoDB attribute `status`).
 TRAINING = "TRAINING"
 READY = "READY"

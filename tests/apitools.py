@@ -1,63 +1,52 @@
-"""Shared set-up for the API and on_generation_done tests: moto resources shaped like the
-template's, API Gateway HTTP API (payload 2.0) events and SNS-wrapped async notices."""
+"""Shared helpers for the API and on_generation_done tests: API Gateway HTTP API (payload 2.0)
+events and SNS-wrapped async notices. The resources themselves come from template.yaml
+(tests/unit_stack.py): nothing here builds a table or a bucket."""
 
 import json
 
 import boto3
+from botocore.stub import Stubber
 
-BUCKET = "avatarflow-test-bucket"
-MODELS_TABLE = "avatarflow-models"
-GENERATIONS_TABLE = "avatarflow-generations"
-ENDPOINT_NAME = "avatarflow-async"
+from avatarflow_local.lambda_hook import _Response
+from avatarflow_local.workflow_stack import LocalStackResources
 
-ENV = {
-    "BUCKET_NAME": BUCKET,
-    "MODELS_TABLE": MODELS_TABLE,
-    "GENERATIONS_TABLE": GENERATIONS_TABLE,
-    "ENDPOINT_NAME": ENDPOINT_NAME,
-}
+# avatarflow_local.iam checks the role of this call first on this exact event (iam.INTERCEPTED).
+# botocore runs `before-call.*.*` handlers (a plain Stubber's) before the exact event's, so a
+# plain Stubber would answer InvokeEndpointAsync before the role is checked.
+INVOKE_ASYNC = "before-call.sagemaker-runtime.InvokeEndpointAsync"
 
 
-def create_resources():
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket=BUCKET)
-    s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
-    ddb = boto3.client("dynamodb")
-    ddb.create_table(
-        TableName=MODELS_TABLE,
-        BillingMode="PAY_PER_REQUEST",
-        AttributeDefinitions=[
-            {"AttributeName": "user_id", "AttributeType": "S"},
-            {"AttributeName": "version", "AttributeType": "S"},
-        ],
-        KeySchema=[
-            {"AttributeName": "user_id", "KeyType": "HASH"},
-            {"AttributeName": "version", "KeyType": "RANGE"},
-        ],
-    )
-    ddb.create_table(
-        TableName=GENERATIONS_TABLE,
-        BillingMode="PAY_PER_REQUEST",
-        AttributeDefinitions=[
-            {"AttributeName": "generation_id", "AttributeType": "S"},
-            {"AttributeName": "user_id", "AttributeType": "S"},
-            {"AttributeName": "created_at", "AttributeType": "S"},
-        ],
-        KeySchema=[{"AttributeName": "generation_id", "KeyType": "HASH"}],
-        GlobalSecondaryIndexes=[
-            {
-                "IndexName": "user_id-index",
-                "KeySchema": [
-                    {"AttributeName": "user_id", "KeyType": "HASH"},
-                    {"AttributeName": "created_at", "KeyType": "RANGE"},
-                ],
-                "Projection": {"ProjectionType": "ALL"},
-            }
-        ],
-    )
+class CheckedStubber(Stubber):
+    """A botocore Stubber for the API's sagemaker-runtime client that answers after the IAM
+    check: its response handler moves from `before-call.*.*` to the exact event."""
+
+    def activate(self):
+        super().activate()
+        events = self.client.meta.events
+        events.unregister("before-call.*.*", self._get_response_handler, unique_id=self._event_id)
+        events.register(INVOKE_ASYNC, self._get_response_handler, unique_id=self._event_id)
+
+    def deactivate(self):
+        # First: the unique id names one registration, and super() would drop it unused.
+        self.client.meta.events.unregister(INVOKE_ASYNC, self._get_response_handler, unique_id=self._event_id)
+        super().deactivate()
 
 
-def put_model(user_id, version, status, created_at="2025-01-01T00:00:00.000000Z", training_job=None):
+def answer_invoke_endpoint_async(client) -> None:
+    """Every InvokeEndpointAsync of `client` accepted (as the endpoint does), after the IAM check."""
+
+    def answer(params, **_kwargs):
+        body = params.get("body") or {}
+        inference_id = body.get("InferenceId", "x") if isinstance(body, dict) else "x"
+        return _Response(200, {}), {"InferenceId": inference_id, "OutputLocation": "s3://b/async-output/x.out",
+                                    "ResponseMetadata": {"HTTPStatusCode": 200}}
+
+    client.meta.events.register(INVOKE_ASYNC, answer, unique_id="avatarflow-tests-endpoint")
+
+
+def put_model(resources: LocalStackResources, user_id, version, status,
+              created_at="2025-01-01T00:00:00.000000Z", training_job=None):
+    """A registry row, written as the operator (register_model's work, not under test here)."""
     item = {
         "user_id": user_id,
         "version": version,
@@ -69,7 +58,7 @@ def put_model(user_id, version, status, created_at="2025-01-01T00:00:00.000000Z"
     }
     if training_job:
         item["training_job"] = training_job
-    boto3.resource("dynamodb").Table(MODELS_TABLE).put_item(Item=item)
+    boto3.resource("dynamodb").Table(resources.models_table).put_item(Item=item)
 
 
 def http_event(method, path, *, sub="alice", body=None, claims=None):
@@ -108,17 +97,18 @@ def http_event(method, path, *, sub="alice", body=None, claims=None):
     return event
 
 
-def sns_event(message, topic="avatarflow-inference-success"):
+def sns_event(message, topic_arn):
+    """What SNS delivers to on_generation_done for one message published on topic_arn."""
     return {
         "Records": [
             {
                 "EventSource": "aws:sns",
                 "EventVersion": "1.0",
-                "EventSubscriptionArn": f"arn:aws:sns:us-east-1:123456789012:{topic}:sub",
+                "EventSubscriptionArn": f"{topic_arn}:sub",
                 "Sns": {
                     "Type": "Notification",
                     "MessageId": "0b0c0d0e-0000-0000-0000-000000000000",
-                    "TopicArn": f"arn:aws:sns:us-east-1:123456789012:{topic}",
+                    "TopicArn": topic_arn,
                     "Subject": None,
                     "Message": message if isinstance(message, str) else json.dumps(message),
                     "Timestamp": "2025-01-01T00:00:00.000Z",
@@ -135,20 +125,3 @@ def sns_event(message, topic="avatarflow-inference-success"):
 
 def body_of(response):
     return json.loads(response["body"]) if response.get("body") else None
-
-
-def empty_resources():
-    """Back to an empty bucket and tables (cheaper than a fresh moto per test)."""
-    s3 = boto3.client("s3")
-    page = s3.list_object_versions(Bucket=BUCKET)
-    victims = [
-        {"Key": v["Key"], "VersionId": v["VersionId"]}
-        for v in page.get("Versions", []) + page.get("DeleteMarkers", [])
-    ]
-    if victims:
-        s3.delete_objects(Bucket=BUCKET, Delete={"Objects": victims})
-    ddb = boto3.resource("dynamodb")
-    for name, key in ((MODELS_TABLE, ("user_id", "version")), (GENERATIONS_TABLE, ("generation_id",))):
-        table = ddb.Table(name)
-        for item in table.scan()["Items"]:
-            table.delete_item(Key={k: item[k] for k in key})

@@ -1,71 +1,62 @@
-"""functions/api: every route against moto, InvokeEndpointAsync through a botocore Stubber."""
+"""functions/api: every route, run as Lambda runs it against the template's resources and as
+its own role; InvokeEndpointAsync answered by a botocore Stubber after the IAM check."""
 
 import base64
-import importlib.util
+import functools
 import json
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import boto3
 import pytest
-from apitools import (
-    BUCKET,
-    ENDPOINT_NAME,
-    ENV,
-    GENERATIONS_TABLE,
-    body_of,
-    create_resources,
-    empty_resources,
-    http_event,
-    put_model,
-    sns_event,
-)
-from botocore.stub import Stubber
-from moto import mock_aws
+import unit_stack
+from apitools import CheckedStubber, body_of, http_event, put_model, sns_event
+from unit_stack import UnitStack
 
 from avatarflow import keys
-from avatarflow_local.functions import load_function_module
 
 REPO = Path(__file__).resolve().parents[1]
+module_stack, stack = unit_stack.module_stack, unit_stack.stack  # one stack per module, emptied per test
 GOOD_BODY = {"prompt": "portrait of sks person as an astronaut, studio light", "num_images": 2, "seed": 7}
-
-
-@pytest.fixture(scope="module")
-def aws_env():
-    # One moto world per module (a fresh one per test costs ~0.5 s); `api` empties it after each test.
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in ENV.items():
-            mp.setenv(name, value)
-        with mock_aws():
-            create_resources()
-            module = load_function_module("api")
-            module.aws.cache_clear()  # clients made inside this moto context
-            load_function_module("on_generation_done").aws.cache_clear()
-            yield
+ROLE = "avatarflow-local-ApiFunctionRole"  # the role SAM generates, in the local stack
 
 
 @pytest.fixture
-def api(aws_env, lambda_context, monkeypatch):
-    module = load_function_module("api")
-    done = load_function_module("on_generation_done")
-    stubber = Stubber(module.aws().runtime)
+def api(stack, monkeypatch):
+    module = stack.module("api")
+    stubber = CheckedStubber(module.aws().runtime)
     stubber.activate()
     ids = iter(f"gen{i:04d}" for i in range(1000))
     monkeypatch.setattr(module, "new_id", lambda: next(ids))
+    resources = stack.resources
 
     class Api:
         mod = module
         stub = stubber
+        bucket = resources.bucket
+        endpoint = resources.endpoint_name
+        models_table = resources.models_table
+        enforcer = stack.enforcer
+        generations_table = resources.generations_table
+        put_model = functools.partial(put_model, resources)
 
         def __call__(self, method, path, **kwargs):
-            return module.handler(http_event(method, path, **kwargs), lambda_context)
+            return stack.call("api", http_event(method, path, **kwargs))
+
+        def call_event(self, event):
+            return stack.call("api", event)
 
         def notify(self, message):
-            return done.handler(sns_event(message), lambda_context)
+            topic = resources.inference_success_topic if message.get("invocationStatus") == "Completed" \
+                else resources.inference_error_topic
+            return stack.call("on_generation_done", sns_event(message, topic))
+
+        def generation_row(self, generation_id):
+            table = boto3.resource("dynamodb").Table(resources.generations_table)
+            return table.get_item(Key={"generation_id": generation_id}).get("Item")
 
     yield Api()
     stubber.deactivate()
-    empty_resources()
 
 
 def expect_invoke(api, generation_id, output="async-output/abc.out"):
@@ -73,24 +64,15 @@ def expect_invoke(api, generation_id, output="async-output/abc.out"):
         "invoke_endpoint_async",
         {
             "InferenceId": generation_id,
-            "OutputLocation": f"s3://{BUCKET}/{output}",
-            "FailureLocation": f"s3://{BUCKET}/async-failures/abc-error.out",
+            "OutputLocation": f"s3://{api.bucket}/{output}",
+            "FailureLocation": f"s3://{api.bucket}/async-failures/abc-error.out",
         },
         expected_params={
-            "EndpointName": ENDPOINT_NAME,
-            "InputLocation": f"s3://{BUCKET}/requests/{generation_id}.json",
+            "EndpointName": api.endpoint,
+            "InputLocation": f"s3://{api.bucket}/requests/{generation_id}.json",
             "InferenceId": generation_id,
             "ContentType": "application/json",
         },
-    )
-
-
-def generation_row(generation_id):
-    return (
-        boto3.resource("dynamodb")
-        .Table(GENERATIONS_TABLE)
-        .get_item(Key={"generation_id": generation_id})
-        .get("Item")
     )
 
 
@@ -173,7 +155,7 @@ def test_uploads_issue_one_scoped_form_per_file(api):
     assert ["starts-with", "$key", f"uploads/alice/{batch}/"] in conditions
     assert {"Content-Type": "image/jpeg"} in conditions
     assert ["content-length-range", 1, 20 * 1024 * 1024] in conditions
-    assert {"bucket": BUCKET} in conditions
+    assert {"bucket": api.bucket} in conditions
     assert {"key": f"uploads/alice/{batch}/IMG_0001.jpg"} in conditions
 
 
@@ -198,9 +180,9 @@ def test_uploads_bad_body_is_400_with_field(api, body, field):
 
 
 def test_models_lists_versions_newest_first(api):
-    put_model("alice", "v1", "READY", "2025-01-01T00:00:00.000000Z")
-    put_model("alice", "v2", "FAILED", "2025-02-01T00:00:00.000000Z")
-    put_model("bob", "v9", "READY")
+    api.put_model("alice", "v1", "READY", "2025-01-01T00:00:00.000000Z")
+    api.put_model("alice", "v2", "FAILED", "2025-02-01T00:00:00.000000Z")
+    api.put_model("bob", "v9", "READY")
     response = api("GET", "/users/alice/models")
     assert response["statusCode"] == 200
     out = body_of(response)
@@ -217,9 +199,9 @@ def test_models_empty_for_new_user(api):
 
 
 def test_create_generation_writes_request_row_and_invokes(api):
-    put_model("alice", "v1", "READY", "2025-01-01T00:00:00.000000Z")
-    put_model("alice", "v2", "READY", "2025-03-01T00:00:00.000000Z")
-    put_model("alice", "v3", "TRAINING", "2025-04-01T00:00:00.000000Z")
+    api.put_model("alice", "v1", "READY", "2025-01-01T00:00:00.000000Z")
+    api.put_model("alice", "v2", "READY", "2025-03-01T00:00:00.000000Z")
+    api.put_model("alice", "v3", "TRAINING", "2025-04-01T00:00:00.000000Z")
     expect_invoke(api, "gen0000")
     response = api("POST", "/users/alice/generations", body=GOOD_BODY)
     assert response["statusCode"] == 202, response
@@ -232,7 +214,7 @@ def test_create_generation_writes_request_row_and_invokes(api):
     }
     api.stub.assert_no_pending_responses()
     request = json.loads(
-        boto3.client("s3").get_object(Bucket=BUCKET, Key="requests/gen0000.json")["Body"].read()
+        boto3.client("s3").get_object(Bucket=api.bucket, Key="requests/gen0000.json")["Body"].read()
     )
     assert request == {
         "generation_id": "gen0000",
@@ -247,30 +229,33 @@ def test_create_generation_writes_request_row_and_invokes(api):
         "height": 512,
         "seed": 7,
     }
-    row = generation_row("gen0000")
+    row = api.generation_row("gen0000")
     assert row["status"] == "PENDING"
     assert row["user_id"] == "alice"
     assert row["request_key"] == "requests/gen0000.json"
-    assert row["output_location"] == f"s3://{BUCKET}/async-output/abc.out"
+    assert row["output_location"] == f"s3://{api.bucket}/async-output/abc.out"
     assert row["ttl"] > 0
+    # Each call was checked against the function's role, the stubbed endpoint call included.
+    allowed = api.enforcer.allowed
+    assert allowed[(ROLE, "sagemaker:InvokeEndpointAsync")] == 1 and allowed[(ROLE, "s3:PutObject")] == 1
 
 
 def test_request_document_parses_in_the_inference_container(api):
     """The contract between the two sides: what the API writes, the container accepts."""
     inference_engine = pytest.importorskip("inference_engine")
-    put_model("alice", "v1", "READY")
+    api.put_model("alice", "v1", "READY")
     for i, body in enumerate([GOOD_BODY, {"prompt": "sks person", "seed": 2**32 - 9, "negative_prompt": ""}]):
         expect_invoke(api, f"gen{i:04d}")
         assert api("POST", "/users/alice/generations", body=body)["statusCode"] == 202
-        raw = boto3.client("s3").get_object(Bucket=BUCKET, Key=f"requests/gen{i:04d}.json")["Body"].read()
+        raw = boto3.client("s3").get_object(Bucket=api.bucket, Key=f"requests/gen{i:04d}.json")["Body"].read()
         parsed = inference_engine.parse_request(raw)
         assert (parsed.generation_id, parsed.user_id, parsed.model_version) == (f"gen{i:04d}", "alice", "v1")
         assert parsed.seed == body["seed"]
 
 
 def test_create_generation_with_explicit_version(api):
-    put_model("alice", "v1", "READY", "2025-01-01T00:00:00.000000Z")
-    put_model("alice", "v2", "READY", "2025-03-01T00:00:00.000000Z")
+    api.put_model("alice", "v1", "READY", "2025-01-01T00:00:00.000000Z")
+    api.put_model("alice", "v2", "READY", "2025-03-01T00:00:00.000000Z")
     expect_invoke(api, "gen0000")
     response = api("POST", "/users/alice/generations", body={**GOOD_BODY, "model_version": "v1"})
     assert response["statusCode"] == 202
@@ -298,7 +283,7 @@ def test_create_generation_with_explicit_version(api):
     ],
 )
 def test_create_generation_bad_body_is_400_with_field(api, patch, field):
-    put_model("alice", "v1", "READY")
+    api.put_model("alice", "v1", "READY")
     response = api("POST", "/users/alice/generations", body={**GOOD_BODY, **patch})
     assert response["statusCode"] == 400
     reasons = fields_of(response)
@@ -316,7 +301,7 @@ def test_create_generation_missing_prompt_and_bad_json(api):
 
 
 def test_negative_prompt_is_not_moderated(api):
-    put_model("alice", "v1", "READY")
+    api.put_model("alice", "v1", "READY")
     expect_invoke(api, "gen0000")
     response = api("POST", "/users/alice/generations", body={**GOOD_BODY, "negative_prompt": "nsfw, nude"})
     assert response["statusCode"] == 202
@@ -324,53 +309,53 @@ def test_negative_prompt_is_not_moderated(api):
 
 def test_create_generation_without_ready_model_is_409(api):
     assert api("POST", "/users/alice/generations", body=GOOD_BODY)["statusCode"] == 409
-    put_model("alice", "v1", "TRAINING")
+    api.put_model("alice", "v1", "TRAINING")
     assert api("POST", "/users/alice/generations", body=GOOD_BODY)["statusCode"] == 409
-    put_model("alice", "v0", "FAILED")
+    api.put_model("alice", "v0", "FAILED")
     response = api("POST", "/users/alice/generations", body={**GOOD_BODY, "model_version": "v0"})
     assert response["statusCode"] == 409
     # Nothing was queued or written.
-    assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="requests/")
+    assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket=api.bucket, Prefix="requests/")
 
 
 def test_create_generation_unknown_version_is_404(api):
-    put_model("alice", "v1", "READY")
+    api.put_model("alice", "v1", "READY")
     response = api("POST", "/users/alice/generations", body={**GOOD_BODY, "model_version": "v7"})
     assert response["statusCode"] == 404
 
 
 def test_another_users_model_is_not_usable(api):
-    put_model("bob", "v1", "READY")
+    api.put_model("bob", "v1", "READY")
     response = api("POST", "/users/alice/generations", body={**GOOD_BODY, "model_version": "v1"})
     assert response["statusCode"] == 404
 
 
 def test_endpoint_refusal_is_503_and_marks_failed(api):
-    put_model("alice", "v1", "READY")
+    api.put_model("alice", "v1", "READY")
     api.stub.add_client_error("invoke_endpoint_async", "ValidationError", "Endpoint not found", 400)
     response = api("POST", "/users/alice/generations", body=GOOD_BODY)
     assert response["statusCode"] == 503
-    assert generation_row("gen0000")["status"] == "FAILED"
+    assert api.generation_row("gen0000")["status"] == "FAILED"
 
 
 # ---------------------------------------------------------------- get generation, lifecycle
 
 
 def queue(api, user="alice"):
-    put_model(user, "v1", "READY")
+    api.put_model(user, "v1", "READY")
     expect_invoke(api, "gen0000")
     assert api("POST", f"/users/{user}/generations", body=GOOD_BODY, sub=user)["statusCode"] == 202
     return "gen0000"
 
 
-def write_output(images, key="async-output/abc.out"):
+def write_output(api, images, key="async-output/abc.out"):
     result = {"generation_id": "gen0000", "images": images, "timings": {"total_s": 4.2}}
-    boto3.client("s3").put_object(Bucket=BUCKET, Key=key, Body=json.dumps(result).encode())
+    boto3.client("s3").put_object(Bucket=api.bucket, Key=key, Body=json.dumps(result).encode())
     for image in images:
-        boto3.client("s3").put_object(Bucket=BUCKET, Key=image["key"], Body=b"\x89PNG fake")
+        boto3.client("s3").put_object(Bucket=api.bucket, Key=image["key"], Body=b"\x89PNG fake")
 
 
-def success_notice(generation_id, output="async-output/abc.out"):
+def success_notice(api, generation_id, output="async-output/abc.out"):
     return {
         "awsRegion": "us-east-1",
         "eventTime": "2025-01-01T00:01:00.000Z",
@@ -378,12 +363,12 @@ def success_notice(generation_id, output="async-output/abc.out"):
         "invocationStatus": "Completed",
         "requestParameters": {
             "contentType": "application/json",
-            "endpointName": ENDPOINT_NAME,
-            "inputLocation": f"s3://{BUCKET}/requests/{generation_id}.json",
+            "endpointName": api.endpoint,
+            "inputLocation": f"s3://{api.bucket}/requests/{generation_id}.json",
         },
         "responseParameters": {
             "contentType": "application/json",
-            "outputLocation": f"s3://{BUCKET}/{output}",
+            "outputLocation": f"s3://{api.bucket}/{output}",
         },
         "inferenceId": generation_id,
         "eventVersion": "1.0",
@@ -392,13 +377,13 @@ def success_notice(generation_id, output="async-output/abc.out"):
     }
 
 
-def failure_notice(generation_id, reason="ClientError: Received server error (500) from model."):
-    notice = success_notice(generation_id)
+def failure_notice(api, generation_id, reason="ClientError: Received server error (500) from model."):
+    notice = success_notice(api, generation_id)
     notice["invocationStatus"] = "Failed"
     notice["failureReason"] = reason
     notice["responseParameters"] = {
         "contentType": "application/json",
-        "failureLocation": f"s3://{BUCKET}/async-failures/abc-error.out",
+        "failureLocation": f"s3://{api.bucket}/async-failures/abc-error.out",
     }
     return notice
 
@@ -415,8 +400,8 @@ def test_lifecycle_pending_to_completed_with_presigned_urls(api):
         {"key": f"{prefix}000.png", "seed": 7, "identity_similarity": 0.61},
         {"key": f"{prefix}001.png", "seed": 8, "identity_similarity": None},
     ]
-    write_output(images)
-    assert api.notify(success_notice(generation_id)) == {"outcomes": ["COMPLETED"]}
+    write_output(api, images)
+    assert api.notify(success_notice(api, generation_id)) == {"outcomes": ["COMPLETED"]}
 
     done = api("GET", f"/users/alice/generations/{generation_id}")
     out = body_of(done)
@@ -426,7 +411,7 @@ def test_lifecycle_pending_to_completed_with_presigned_urls(api):
     for image, expected in zip(out["images"], images, strict=True):
         url = urlparse(image["url"])
         assert url.path.endswith("/" + expected["key"])
-        assert BUCKET in url.netloc + url.path
+        assert api.bucket in url.netloc + url.path
         query = parse_qs(url.query)
         assert query["X-Amz-Expires"] == ["900"]
         assert "X-Amz-Signature" in query
@@ -438,7 +423,7 @@ def test_lifecycle_pending_to_completed_with_presigned_urls(api):
 
 def test_lifecycle_pending_to_failed(api):
     generation_id = queue(api)
-    assert api.notify(failure_notice(generation_id)) == {"outcomes": ["FAILED"]}
+    assert api.notify(failure_notice(api, generation_id)) == {"outcomes": ["FAILED"]}
     out = body_of(api("GET", f"/users/alice/generations/{generation_id}"))
     assert out["status"] == "FAILED"
     assert out["error"].startswith("ClientError: Received server error (500)")
@@ -464,12 +449,13 @@ def test_images_outside_the_generation_folder_are_never_signed(api):
     generation_id = queue(api)
     prefix = keys.generation_prefix("alice", generation_id)
     write_output(
+        api,
         [
             {"key": f"{prefix}000.png", "seed": 1, "identity_similarity": 0.5},
             {"key": "uploads/bob/b1/secret.jpg", "seed": 2, "identity_similarity": 0.5},
         ]
     )
-    api.notify(success_notice(generation_id))
+    api.notify(success_notice(api, generation_id))
     out = body_of(api("GET", f"/users/alice/generations/{generation_id}"))
     assert len(out["images"]) == 1
     assert "bob" not in out["images"][0]["url"]
@@ -478,32 +464,33 @@ def test_images_outside_the_generation_folder_are_never_signed(api):
 # ---------------------------------------------------------------- delete user
 
 
-def seed_user(s3, user):
+def seed_user(api, s3, user):
     """Objects under every per-user prefix, with old versions and a delete marker."""
     written = []
     for prefix in keys.USER_PREFIXES:
         key = f"{keys.user_prefix(prefix, user)}b1/file.bin"
-        s3.put_object(Bucket=BUCKET, Key=key, Body=b"one")
-        s3.put_object(Bucket=BUCKET, Key=key, Body=b"two")
+        s3.put_object(Bucket=api.bucket, Key=key, Body=b"one")
+        s3.put_object(Bucket=api.bucket, Key=key, Body=b"two")
         gone = f"{keys.user_prefix(prefix, user)}b1/deleted.bin"
-        s3.put_object(Bucket=BUCKET, Key=gone, Body=b"x")
-        s3.delete_object(Bucket=BUCKET, Key=gone)
+        s3.put_object(Bucket=api.bucket, Key=gone, Body=b"x")
+        s3.delete_object(Bucket=api.bucket, Key=gone)
         written += [key, gone]
     return written
 
 
-def versions_under(s3, prefix):
-    page = s3.list_object_versions(Bucket=BUCKET, Prefix=prefix)
+def versions_under(api, s3, prefix):
+    page = s3.list_object_versions(Bucket=api.bucket, Prefix=prefix)
     return [v["Key"] for v in page.get("Versions", []) + page.get("DeleteMarkers", [])]
 
 
 def test_delete_user_removes_every_object_and_row_and_only_theirs(api):
     s3 = boto3.client("s3")
-    seed_user(s3, "alice")
-    seed_user(s3, "bob")
-    seed_user(s3, "alice2")  # shares a name prefix with alice: must survive
+    seed_user(api, s3, "alice")
+    seed_user(api, s3, "bob")
+    seed_user(api, s3, "alice2")  # shares a name prefix with alice: must survive
     generation_id = queue(api, user="alice")
     write_output(
+        api,
         [
             {
                 "key": f"{keys.generation_prefix('alice', generation_id)}000.png",
@@ -512,32 +499,32 @@ def test_delete_user_removes_every_object_and_row_and_only_theirs(api):
             }
         ]
     )
-    api.notify(success_notice(generation_id))
-    put_model("alice", "v2", "FAILED", training_job="avatar-job-alice")
-    put_model("bob", "v1", "READY", training_job="avatar-job-bob")
-    s3.put_object(Bucket=BUCKET, Key="requests/other.json", Body=b"{}")
+    api.notify(success_notice(api, generation_id))
+    api.put_model("alice", "v2", "FAILED", training_job="avatar-job-alice")
+    api.put_model("bob", "v1", "READY", training_job="avatar-job-bob")
+    s3.put_object(Bucket=api.bucket, Key="requests/other.json", Body=b"{}")
     # training/<job>/ holds a copy of each user's adapter and the spot checkpoints.
     for job in ("avatar-job-alice", "avatar-job-bob"):
         for name in ("output/model.tar.gz", "checkpoints/step-1/lora.safetensors"):
-            s3.put_object(Bucket=BUCKET, Key=f"training/{job}/{name}", Body=b"x")
+            s3.put_object(Bucket=api.bucket, Key=f"training/{job}/{name}", Body=b"x")
 
     response = api("DELETE", "/users/alice")
     assert response["statusCode"] == 204
 
     for prefix in keys.USER_PREFIXES:
-        assert versions_under(s3, keys.user_prefix(prefix, "alice")) == []
-        assert len(versions_under(s3, keys.user_prefix(prefix, "bob"))) == 4
-        assert len(versions_under(s3, keys.user_prefix(prefix, "alice2"))) == 4
-    assert versions_under(s3, f"requests/{generation_id}.json") == []
-    assert versions_under(s3, "async-output/abc.out") == []
-    assert versions_under(s3, "requests/other.json") == ["requests/other.json"]
-    assert versions_under(s3, "training/avatar-job-alice/") == []
-    assert len(versions_under(s3, "training/avatar-job-bob/")) == 2
+        assert versions_under(api, s3, keys.user_prefix(prefix, "alice")) == []
+        assert len(versions_under(api, s3, keys.user_prefix(prefix, "bob"))) == 4
+        assert len(versions_under(api, s3, keys.user_prefix(prefix, "alice2"))) == 4
+    assert versions_under(api, s3, f"requests/{generation_id}.json") == []
+    assert versions_under(api, s3, "async-output/abc.out") == []
+    assert versions_under(api, s3, "requests/other.json") == ["requests/other.json"]
+    assert versions_under(api, s3, "training/avatar-job-alice/") == []
+    assert len(versions_under(api, s3, "training/avatar-job-bob/")) == 2
 
     ddb = boto3.resource("dynamodb")
-    models = ddb.Table(ENV["MODELS_TABLE"]).scan()["Items"]
+    models = ddb.Table(api.models_table).scan()["Items"]
     assert {(m["user_id"], m["version"]) for m in models} == {("bob", "v1")}
-    assert [r for r in ddb.Table(GENERATIONS_TABLE).scan()["Items"] if r["user_id"] == "alice"] == []
+    assert [r for r in ddb.Table(api.generations_table).scan()["Items"] if r["user_id"] == "alice"] == []
     # The API agrees: no models, the generation is gone.
     assert body_of(api("GET", "/users/alice/models"))["models"] == []
     assert api("GET", f"/users/alice/generations/{generation_id}")["statusCode"] == 404
@@ -552,16 +539,18 @@ def test_delete_user_with_nothing_is_204(api):
 # ---------------------------------------------------------------- configuration, OpenAPI
 
 
-def test_image_bounds_come_from_the_environment(monkeypatch):
-    """The local tiny model runs at 64 px: MIN_IMAGE_SIZE lowers the bound."""
-    monkeypatch.setenv("MIN_IMAGE_SIZE", "64")
-    monkeypatch.setenv("DEFAULT_IMAGE_SIZE", "64")
-    spec = importlib.util.spec_from_file_location("api_small", REPO / "functions/api/app.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    body = module.GenerationBody(prompt="sks person")
+def test_image_bounds_come_from_the_function_environment(stack):
+    """The local tiny model runs at 64 px: the local runtime gives the API MIN_IMAGE_SIZE and
+    DEFAULT_IMAGE_SIZE through its function spec. The template sets neither (SD's 256..1024
+    bounds hold in the cloud), so a handler with the template's environment refuses 128."""
+    event = http_event("POST", "/users/alice/generations", body={"prompt": "sks person", "width": 128})
+    refused = stack.call("api", event)
+    assert refused["statusCode"] == 400 and "body.width" in fields_of(refused)
+    small = UnitStack(stack.resources, {})  # app.py reads the bounds at import: a fresh module
+    small.with_environment("api", MIN_IMAGE_SIZE="64", DEFAULT_IMAGE_SIZE="64")
+    assert small.call("api", event)["statusCode"] == 409  # valid now; alice has no READY model
+    body = small.module("api").GenerationBody(prompt="sks person")
     assert (body.width, body.height) == (64, 64)
-    assert module.GenerationBody(prompt="p", width=128).width == 128
 
 
 def test_openapi_document_is_up_to_date(api):
@@ -577,7 +566,7 @@ def test_openapi_document_is_up_to_date(api):
     }
 
 
-def test_sample_events_run(api, lambda_context):
+def test_sample_events_run(api):
     expected = {
         "api_create_upload.json": 200,
         "api_list_models.json": 200,
@@ -587,7 +576,7 @@ def test_sample_events_run(api, lambda_context):
     }
     for name, status in expected.items():
         event = json.loads((REPO / "events" / name).read_text())
-        assert api.mod.handler(event, lambda_context)["statusCode"] == status, name
+        assert api.call_event(event)["statusCode"] == status, name
 
 
 # ---------------------------------------------------------------- template agrees with the code

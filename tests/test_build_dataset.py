@@ -1,52 +1,49 @@
-"""build_dataset handler against moto S3, fed by the real preprocess_image handler."""
+"""build_dataset handler against template.yaml's bucket in moto, fed by the real preprocess_image
+handler; both run as Lambda runs them, each as its own role (tests/unit_stack.py)."""
 
 import json
 
 import boto3
 import numpy as np
 import pytest
-from moto import mock_aws
+import unit_stack
 
 from avatarflow import faces, keys
 from avatarflow import sample_photos as S
 
-BUCKET = "avatarflow-test"
+module_stack, stack = unit_stack.module_stack, unit_stack.stack  # one stack per module, emptied per test
 USER, BATCH = "user-7", "b2"
 IMAGES = f"datasets/{USER}/{BATCH}/images/"
 
 
 @pytest.fixture
-def s3(monkeypatch):
-    monkeypatch.setenv("BUCKET_NAME", BUCKET)
-    monkeypatch.delenv("MIN_IMAGES", raising=False)
-    with mock_aws():
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=BUCKET)
-        yield client
+def s3(stack):
+    """The operator's S3 client, bound to the stack's bucket (s3.bucket)."""
+    client = boto3.client("s3")
+    client.bucket = stack.resources.bucket
+    return client
 
 
 @pytest.fixture
-def run(handler_of, lambda_context):
-    pre, build = handler_of("preprocess_image"), handler_of("build_dataset")
-
+def run(stack):
     def go(s3, photos, **extra):
         results = []
         for i, (name, data) in enumerate(photos):
             key = f"uploads/{USER}/{BATCH}/{name}"
-            s3.put_object(Bucket=BUCKET, Key=key, Body=data)
-            results.append(pre({"key": key, "index": i}, lambda_context))
+            s3.put_object(Bucket=s3.bucket, Key=key, Body=data)
+            results.append(stack.call("preprocess_image", {"key": key, "index": i}))
         event = {"user_id": USER, "batch_id": BATCH, "results": results, **extra}
-        return results, build(event, lambda_context)
+        return results, stack.call("build_dataset", event)
 
     return go
 
 
 def listed(s3, prefix=IMAGES):
-    return sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", []))
+    return sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3.bucket, Prefix=prefix).get("Contents", []))
 
 
 def manifest(s3):
-    return json.loads(s3.get_object(Bucket=BUCKET, Key=keys.manifest_key(USER, BATCH))["Body"].read())
+    return json.loads(s3.get_object(Bucket=s3.bucket, Key=keys.manifest_key(USER, BATCH))["Body"].read())
 
 
 @pytest.fixture(scope="module")
@@ -122,24 +119,24 @@ def test_too_few_photos_is_a_clear_rejected_result(s3, run, person):
     assert manifest(s3)["enough"] is False
 
 
-def test_min_images_from_event_and_env(s3, run, person, monkeypatch):
+def test_min_images_from_event_and_env(s3, run, person, stack):
     _, out = run(s3, person[:3], min_images=3)
     assert out["enough"] is True and out["min_images"] == 3
-    monkeypatch.setenv("MIN_IMAGES", "4")
+    # The template gives build_dataset no MIN_IMAGES (the state machine always passes
+    # min_images, from the MinImages parameter); the handler's fallback is set through its spec.
+    stack.with_environment("build_dataset", MIN_IMAGES="4")
     _, out = run(s3, person[:3])
     assert out["enough"] is False and out["min_images"] == 4
 
 
-def test_idempotent_and_removes_stale_crops(s3, run, person, handler_of, lambda_context):
-    s3.put_object(Bucket=BUCKET, Key=f"{IMAGES}099.png", Body=b"left over from an earlier run")
+def test_idempotent_and_removes_stale_crops(s3, run, person, stack):
+    s3.put_object(Bucket=s3.bucket, Key=f"{IMAGES}099.png", Body=b"left over from an earlier run")
     results, first = run(s3, person[:4])
-    doc = s3.get_object(Bucket=BUCKET, Key=first["manifest_key"])["Body"].read()
+    doc = s3.get_object(Bucket=s3.bucket, Key=first["manifest_key"])["Body"].read()
     assert listed(s3) == [keys.crop_key(USER, BATCH, i) for i in range(4)]
-    again = handler_of("build_dataset")(
-        {"user_id": USER, "batch_id": BATCH, "results": results}, lambda_context
-    )
+    again = stack.call("build_dataset", {"user_id": USER, "batch_id": BATCH, "results": results})
     assert again == first
-    assert s3.get_object(Bucket=BUCKET, Key=first["manifest_key"])["Body"].read() == doc
+    assert s3.get_object(Bucket=s3.bucket, Key=first["manifest_key"])["Body"].read() == doc
     assert listed(s3) == [keys.crop_key(USER, BATCH, i) for i in range(4)]
 
 
@@ -194,15 +191,15 @@ def test_request_json_sets_the_training_subject(s3, run, person, request_body, s
         },
     ],
 )
-def test_malformed_events_raise(s3, handler_of, lambda_context, event):
+def test_malformed_events_raise(stack, event):
     with pytest.raises(ValueError):
-        handler_of("build_dataset")(event, lambda_context)
+        stack.call("build_dataset", event)
 
 
-def test_sample_event_runs(s3, handler_of, lambda_context):
+def test_sample_event_runs(stack):
     from avatarflow_local.functions import REPO_ROOT
 
     event = json.loads((REPO_ROOT / "events" / "build_dataset.json").read_text())
-    out = handler_of("build_dataset")(event, lambda_context)
+    out = stack.call("build_dataset", event)
     assert out["accepted"] == 1 and out["rejected"] == 1 and out["enough"] is False
     assert out["rejections"][0]["reason"] == "blurry"

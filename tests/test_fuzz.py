@@ -22,18 +22,16 @@ from functools import cache
 from urllib.parse import quote
 
 import pytest
-from apitools import ENV, body_of, create_resources, http_event, put_model
-from conftest import LambdaContext
+from apitools import answer_invoke_endpoint_async, body_of, http_event, put_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from moto import mock_aws
 from PIL import Image
+from unit_stack import UnitStack, local_stack
 
 from avatarflow import faces, keys
 from avatarflow.ids import ID_PATTERN, InvalidIdError, validate_id
 from avatarflow.keys import InvalidKeyError
 from avatarflow.sample_photos import encode, photo
-from avatarflow_local.functions import load_function_module
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
 TRIED: Counter = Counter()
@@ -286,25 +284,15 @@ def test_analyze_photo_gives_a_verdict(data):
 
 
 @pytest.fixture(scope="module")
-def api_module():
-    """functions/api against moto, set up as tests/test_api.py does (tests/apitools.py), with a
-    READY model for alice so valid generations go all the way to InvokeEndpointAsync."""
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in ENV.items():
-            mp.setenv(name, value)
-        with mock_aws():
-            create_resources()
-            put_model("alice", "v1", "READY")
-            module = load_function_module("api")
-            module.aws.cache_clear()
-            runtime = module.aws().runtime
-            mp.setattr(
-                runtime,
-                "invoke_endpoint_async",
-                lambda **kw: {"InferenceId": kw["InferenceId"], "OutputLocation": "s3://b/async-output/x.out"},
-            )
-            yield module
-            module.aws.cache_clear()
+def api_stack():
+    """functions/api run as Lambda runs it against template.yaml's resources, as its own role
+    (tests/unit_stack.py), with a READY model for alice so valid generations go all the way to
+    InvokeEndpointAsync (accepted after the IAM check)."""
+    with local_stack() as resources:
+        put_model(resources, "alice", "v1", "READY")
+        stack = UnitStack(resources, {})
+        answer_invoke_endpoint_async(stack.module("api").aws().runtime)
+        yield stack
 
 
 json_values = st.recursive(
@@ -394,7 +382,7 @@ claims = st.one_of(
     extra_headers=headers,
     base64_body=st.integers(0, 4),
 )
-def test_api_answers_4xx_or_2xx_never_5xx(api_module, call, wild_claim, extra_headers, base64_body):
+def test_api_answers_4xx_or_2xx_never_5xx(api_stack, call, wild_claim, extra_headers, base64_body):
     TRIED["api.handler"] += 1
     method, path, claim, body = call
     claim = wild_claim if claim is None else claim
@@ -406,7 +394,7 @@ def test_api_answers_4xx_or_2xx_never_5xx(api_module, call, wild_claim, extra_he
     if base64_body == 0 and event.get("body") is not None:
         event["body"] = base64.b64encode(event["body"].encode("utf-8", "surrogatepass")).decode()
         event["isBase64Encoded"] = True
-    response = api_module.handler(event, LambdaContext())
+    response = api_stack.call("api", event)
     status = response["statusCode"]
     outcome("api.handler", str(status))
     assert 200 <= status < 500, f"{status}: {response.get('body')}"

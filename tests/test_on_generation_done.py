@@ -1,64 +1,65 @@
-"""functions/on_generation_done: SageMaker async notices (via SNS) -> generation rows."""
+"""functions/on_generation_done: SageMaker async notices (via SNS) -> generation rows; the
+handler runs as Lambda runs it, against the template's resources, as its own role."""
 
 import json
 from pathlib import Path
 
 import boto3
 import pytest
-from apitools import BUCKET, ENV, GENERATIONS_TABLE, create_resources, empty_resources, sns_event
-from moto import mock_aws
+import unit_stack
+from apitools import sns_event
 
 from avatarflow import generations as gen
 from avatarflow import keys
-from avatarflow_local.functions import load_function_module
 
 REPO = Path(__file__).resolve().parents[1]
+module_stack, stack = unit_stack.module_stack, unit_stack.stack  # one stack per module, emptied per test
 GID = "gen0001"
 PREFIX = keys.generation_prefix("alice", GID)
+ROLE = "avatarflow-local-OnGenerationDoneFunctionRole"  # the role SAM generates, in the local stack
 
 
-@pytest.fixture(scope="module")
-def aws_env():
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in ENV.items():
-            mp.setenv(name, value)
-        with mock_aws():
-            create_resources()
-            load_function_module("on_generation_done").aws.cache_clear()
-            yield
+class Done:
+    """on_generation_done on the stack, and the rows and objects it reads."""
+
+    def __init__(self, stack):
+        self.stack = stack
+        self.bucket = stack.resources.bucket
+        self.table = boto3.resource("dynamodb").Table(stack.resources.generations_table)
+
+    def __call__(self, message, topic_arn=None):
+        topic_arn = topic_arn or self.stack.resources.inference_success_topic
+        return self.stack.call("on_generation_done", sns_event(message, topic_arn))["outcomes"]
+
+    def row(self, generation_id=GID):
+        return self.table.get_item(Key={"generation_id": generation_id})["Item"]
+
+    def pending_row(self, generation_id=GID, user_id="alice"):
+        self.table.put_item(
+            Item={
+                "generation_id": generation_id,
+                "user_id": user_id,
+                "model_version": "v1",
+                "status": "PENDING",
+                "request_key": f"requests/{generation_id}.json",
+                "created_at": "2025-01-01T00:00:00.000000Z",
+                "updated_at": "2025-01-01T00:00:00.000000Z",
+            }
+        )
+
+    def put_json(self, key, value):
+        boto3.client("s3").put_object(Bucket=self.bucket, Key=key, Body=json.dumps(value).encode())
+
+    def success(self, generation_id=GID, output="async-output/x1.out"):
+        return success(generation_id, output, self.bucket)
+
+    def failure(self, generation_id=GID):
+        return failure(generation_id, bucket=self.bucket)
 
 
 @pytest.fixture
-def done(aws_env, lambda_context):
-    module = load_function_module("on_generation_done")
-
-    def call(message):
-        return module.handler(sns_event(message), lambda_context)["outcomes"]
-
-    yield call
-    empty_resources()
-
-
-def table():
-    return boto3.resource("dynamodb").Table(GENERATIONS_TABLE)
-
-
-def pending_row(generation_id=GID, user_id="alice"):
-    table().put_item(
-        Item={
-            "generation_id": generation_id,
-            "user_id": user_id,
-            "model_version": "v1",
-            "status": "PENDING",
-            "request_key": f"requests/{generation_id}.json",
-            "created_at": "2025-01-01T00:00:00.000000Z",
-            "updated_at": "2025-01-01T00:00:00.000000Z",
-        }
-    )
-
-
-def put_json(key, value):
-    boto3.client("s3").put_object(Bucket=BUCKET, Key=key, Body=json.dumps(value).encode())
+def done(stack):
+    return Done(stack)
 
 
 RESULT = {
@@ -71,89 +72,95 @@ RESULT = {
 }
 
 
-def success(generation_id=GID, output="async-output/x1.out"):
+def success(generation_id=GID, output="async-output/x1.out", bucket="data-bucket"):
     return gen.async_notice(
         generation_id,
         endpoint_name="ep",
-        input_location=f"s3://{BUCKET}/requests/{generation_id}.json",
-        output_location=f"s3://{BUCKET}/{output}",
+        input_location=f"s3://{bucket}/requests/{generation_id}.json",
+        output_location=f"s3://{bucket}/{output}",
     )
 
 
-def failure(generation_id=GID, reason="ClientError: Received server error (500) from primary."):
+def failure(generation_id=GID, reason="ClientError: Received server error (500) from primary.",
+            bucket="data-bucket"):
     return gen.async_notice(
         generation_id,
         endpoint_name="ep",
-        input_location=f"s3://{BUCKET}/requests/{generation_id}.json",
-        failure_location=f"s3://{BUCKET}/async-failures/x1-error.out",
+        input_location=f"s3://{bucket}/requests/{generation_id}.json",
+        failure_location=f"s3://{bucket}/async-failures/x1-error.out",
         failure_reason=reason,
     )
 
 
 def test_success_notice_completes_with_images_from_the_output(done):
-    pending_row()
-    put_json("async-output/x1.out", RESULT)
-    assert done(success()) == ["COMPLETED"]
-    row = table().get_item(Key={"generation_id": GID})["Item"]
+    done.pending_row()
+    done.put_json("async-output/x1.out", RESULT)
+    assert done(done.success()) == ["COMPLETED"]
+    row = done.row()
     assert row["status"] == "COMPLETED"
     assert gen.from_dynamo(row["images"]) == RESULT["images"]
     assert gen.from_dynamo(row["timings"]) == RESULT["timings"]
-    assert row["output_location"] == f"s3://{BUCKET}/async-output/x1.out"
+    assert row["output_location"] == f"s3://{done.bucket}/async-output/x1.out"
+    # Every call was checked against the function's role from template.yaml.
+    allowed = done.stack.enforcer.allowed
+    assert allowed[(ROLE, "s3:GetObject")] == 1 and allowed[(ROLE, "dynamodb:UpdateItem")] == 1
 
 
 def test_falls_back_to_result_json_when_output_is_missing(done):
-    pending_row()
-    put_json(keys.result_key("alice", GID), RESULT)
-    assert done(success(output="async-output/missing.out")) == ["COMPLETED"]
-    assert len(table().get_item(Key={"generation_id": GID})["Item"]["images"]) == 2
+    done.pending_row()
+    done.put_json(keys.result_key("alice", GID), RESULT)
+    assert done(done.success(output="async-output/missing.out")) == ["COMPLETED"]
+    assert len(done.row()["images"]) == 2
+    # The role may not list the bucket, so S3 answered the missing output with 403, not 404.
+    assert [key for _, key in done.stack.enforcer.masked] == ["async-output/missing.out"]
 
 
 def test_completed_without_images_is_failed_not_pending_forever(done):
-    pending_row()
-    put_json("async-output/x1.out", {"images": []})
-    assert done(success()) == ["FAILED"]
-    assert table().get_item(Key={"generation_id": GID})["Item"]["error"] == "the endpoint returned no images"
+    done.pending_row()
+    done.put_json("async-output/x1.out", {"images": []})
+    assert done(done.success()) == ["FAILED"]
+    assert done.row()["error"] == "the endpoint returned no images"
 
 
 def test_failure_notice_marks_failed_with_reason(done):
-    pending_row()
-    assert done(failure()) == ["FAILED"]
-    row = table().get_item(Key={"generation_id": GID})["Item"]
+    done.pending_row()
+    assert done(done.failure(), done.stack.resources.inference_error_topic) == ["FAILED"]
+    row = done.row()
     assert row["status"] == "FAILED"
     assert row["error"] == "ClientError: Received server error (500) from primary."
-    assert row["failure_location"] == f"s3://{BUCKET}/async-failures/x1-error.out"
+    assert row["failure_location"] == f"s3://{done.bucket}/async-failures/x1-error.out"
 
 
 def test_duplicate_and_late_notices_change_nothing(done):
-    pending_row()
-    put_json("async-output/x1.out", RESULT)
-    assert done(success()) == ["COMPLETED"]
-    before = table().get_item(Key={"generation_id": GID})["Item"]
-    assert done(success()) == ["duplicate"]
-    assert done(failure()) == ["duplicate"]
-    assert table().get_item(Key={"generation_id": GID})["Item"] == before
+    done.pending_row()
+    done.put_json("async-output/x1.out", RESULT)
+    assert done(done.success()) == ["COMPLETED"]
+    before = done.row()
+    assert done(done.success()) == ["duplicate"]
+    assert done(done.failure()) == ["duplicate"]
+    assert done.row() == before
 
 
 def test_unknown_ids_and_garbage_are_tolerated(done):
-    assert done(success("neverissued")) == ["unknown"]
+    assert done(done.success("neverissued")) == ["unknown"]
     assert done({"hello": "world"}) == ["ignored"]
     assert done("not json at all") == ["ignored"]
-    assert done(success("../../etc")) == ["ignored"]
-    assert table().scan()["Items"] == []
+    assert done(done.success("../../etc")) == ["ignored"]
+    assert done.table.scan()["Items"] == []
 
 
 def test_images_outside_the_generation_folder_are_dropped(done):
-    pending_row()
-    put_json(
+    done.pending_row()
+    done.put_json(
         "async-output/x1.out",
         {"images": [RESULT["images"][0], {"key": "generations/bob/g9/000.png", "seed": 1}]},
     )
-    assert done(success()) == ["COMPLETED"]
-    images = gen.from_dynamo(table().get_item(Key={"generation_id": GID})["Item"]["images"])
+    assert done(done.success()) == ["COMPLETED"]
+    images = gen.from_dynamo(done.row()["images"])
     assert [i["key"] for i in images] == [RESULT["images"][0]["key"]]
 
 
-def test_sample_events_parse(done):
+def test_sample_events_parse():
     for path in sorted((REPO / "events").glob("on_generation_done*.json")):
         event = json.loads(path.read_text())
         message = json.loads(event["Records"][0]["Sns"]["Message"])

@@ -91,7 +91,9 @@ def _subscribe_from_request(bucket: str, upload: keys.UploadKey) -> None:
     try:
         obj = s3.get_object(Bucket=bucket, Key=key)
     except ClientError as err:
-        if err.response["Error"]["Code"] in ("NoSuchKey", "404"):
+        # This role may read uploads/*/request.json but not list the bucket, so S3 answers a
+        # request.json deleted since its event with 403 AccessDenied, never 404: both mean gone.
+        if err.response["Error"]["Code"] in ("NoSuchKey", "404", "AccessDenied"):
             logger.warning("request.json vanished before it was read")
             return
         raise

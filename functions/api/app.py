@@ -5,6 +5,7 @@ Every route is under /users/{user_id}: the JWT subject must equal user_id (else 
 a request without claims is 401. Ids are validated before they reach a key or a log line.
 Run `python functions/api/app.py > docs/openapi.json` to refresh the OpenAPI document."""
 
+import binascii
 import json
 import os
 import re
@@ -22,6 +23,9 @@ from aws_lambda_powertools.event_handler.exceptions import (
     ServiceError,
     ServiceUnavailableError,
     UnauthorizedError,
+)
+from aws_lambda_powertools.event_handler.middlewares.openapi_validation import (
+    OpenAPIRequestValidationMiddleware,
 )
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
 from aws_lambda_powertools.event_handler.openapi.models import HTTPBearer
@@ -52,6 +56,13 @@ DEFAULT_IMAGE_SIZE = min(
 # One call makes one batch: its photos are the batch's (request.json comes on top).
 MAX_UPLOAD_FILES = MAX_BATCH_PHOTOS
 UPLOAD_CONTENT_TYPES = ("image/jpeg", "image/png", "image/webp", "image/heic")
+# Request bounds, checked before a body is parsed. The largest valid body (every file name,
+# two 500-character prompts, every character escaped) is under 16 KB and nests 3 levels deep.
+MAX_BODY_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 32
+# A 400 lists at most this many errors, each field and reason cut to MAX_ERROR_TEXT characters.
+MAX_ERRORS = 10
+MAX_ERROR_TEXT = 200
 
 # A deliberately small, conservative list: the endpoint's output safety checker is the
 # real guard; this only turns away prompts that plainly ask for abuse before a GPU spins up.
@@ -119,8 +130,10 @@ IdStr = Annotated[str, StringConstraints(pattern=ID_PATTERN.pattern)]
 FileName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
 
 
+# strict: no coercion anywhere ("7.5" is not a float, 1 and "true" are not booleans, 2.0 is
+# not an int); JSON's integers still count as floats.
 class GenerationBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: Prompt = Field(description="What to draw; the model's token is added by the endpoint.")
     # None lets the endpoint apply its default negative prompt; "" really means none.
@@ -144,14 +157,14 @@ class GenerationBody(BaseModel):
 
 
 class UploadFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: FileName
     content_type: Literal["image/jpeg", "image/png", "image/webp", "image/heic"]
 
 
 class UploadBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     files: list[UploadFile] = Field(min_length=1, max_length=MAX_UPLOAD_FILES)
     include_request_json: bool = Field(
@@ -178,12 +191,16 @@ class FieldErrors(Exception):
         self.errors = errors
 
 
-def _bad_request(errors: list[dict]) -> Response:
+def _bad_request(errors: list[dict], message: str = "invalid request") -> Response:
     return Response(
         status_code=400,
         content_type=content_types.APPLICATION_JSON,
-        body={"statusCode": 400, "message": "invalid request", "errors": errors},
+        body={"statusCode": 400, "message": message, "errors": errors},
     )
+
+
+def _body_error(reason: str) -> FieldErrors:
+    return FieldErrors([{"field": "body", "reason": reason}])
 
 
 def _check_caller() -> None:
@@ -211,12 +228,58 @@ def _check_caller() -> None:
     logger.append_keys(**{k: route_args[k] for k in ("user_id", "generation_id") if k in route_args})
 
 
-def _auth_middleware(app_, next_middleware):
-    _check_caller()
-    return next_middleware(app_)
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
 
 
-app.use(middlewares=[_auth_middleware])
+def _nests_deeper_than(text: str, limit: int) -> bool:
+    """Whether JSON text nests arrays/objects deeper than `limit`, found without parsing it
+    (json.loads recurses: 1,500 levels is a RecursionError). Brackets in strings do not count."""
+    depth = 0
+    for bracket in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket.group() in "[{" else -1
+        if depth > limit:
+            return True
+    return False
+
+
+def _check_body() -> None:
+    """413 over MAX_BODY_BYTES (bounded before anything is decoded); 400 for a body that is
+    not base64 or not UTF-8, or that nests deeper than MAX_JSON_DEPTH."""
+    event = app.current_event
+    raw = event.body or ""
+    too_large = ServiceError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    if len(raw) > MAX_BODY_BYTES * 4 // 3 + 4:  # base64 or not, the decoded body is over the bound
+        raise too_large
+    try:
+        text = event.decoded_body or ""
+    except UnicodeDecodeError:
+        raise _body_error("the body is not UTF-8 text") from None
+    except binascii.Error:
+        raise _body_error("the body is not valid base64") from None
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_BODY_BYTES:
+        raise too_large
+    if _nests_deeper_than(text, MAX_JSON_DEPTH):
+        raise _body_error(f"JSON nests deeper than {MAX_JSON_DEPTH} levels")
+
+
+class _CallerFirstValidation(OpenAPIRequestValidationMiddleware):
+    """Powertools validates a request (and so reads and parses its body) before any middleware
+    given to app.use runs. This takes the validator's place and checks first the caller
+    (_check_caller: 401, 400 path ids, 403) and then the body's bounds (_check_body), so an
+    anonymous caller or another user's token learns nothing about the body rules and costs
+    no parsing, and no body reaches json.loads or pydantic unbounded."""
+
+    def handler(self, app_, next_middleware):
+        _check_caller()
+        if app_.context["_route"].dependant.body_params:
+            _check_body()
+        return super().handler(app_, next_middleware)
+
+
+if not isinstance(getattr(app, "_request_validation_middleware", None), OpenAPIRequestValidationMiddleware):
+    raise RuntimeError("Powertools no longer keeps its request validator where the API replaces it")
+app._request_validation_middleware = _CallerFirstValidation()
 
 
 @app.exception_handler(FieldErrors)
@@ -224,21 +287,25 @@ def _on_field_errors(err: FieldErrors) -> Response:
     return _bad_request(err.errors)
 
 
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 3] + "..."
+
+
 @app.exception_handler(RequestValidationError)
 def _on_validation_error(err: RequestValidationError) -> Response:
-    # Body validation runs before the auth middleware; answer 401/403 first all the same,
-    # so an unauthenticated caller learns nothing about the body rules.
-    try:
-        _check_caller()
-    except FieldErrors as path_errors:
-        return _bad_request(path_errors.errors)
+    """The first MAX_ERRORS errors, each bounded (a body of thousands of unknown keys would
+    otherwise answer with every one of them, past Lambda's 6 MB response limit). The caller
+    was checked before validation (_CallerFirstValidation)."""
+    found = err.errors()
     errors = []
-    for e in err.errors():
+    for e in found[:MAX_ERRORS]:
         # A JSON syntax error's loc ends with a character offset: report it against the body.
         loc = ["body"] if e.get("type") == "json_invalid" else [str(p) for p in e.get("loc", ())]
         reason = str(e.get("msg", e.get("type", "invalid"))).removeprefix("Value error, ")
-        errors.append({"field": ".".join(loc) or "body", "reason": reason})
-    return _bad_request(errors)
+        errors.append({"field": _clip(".".join(loc) or "body"), "reason": _clip(reason)})
+    if len(found) <= MAX_ERRORS:
+        return _bad_request(errors)
+    return _bad_request(errors, f"invalid request: {len(found)} errors, the first {MAX_ERRORS} shown")
 
 
 # --------------------------------------------------------------------------- helpers

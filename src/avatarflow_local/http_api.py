@@ -9,22 +9,39 @@ jwks_uri, RS256, `kid`, `iss`, `aud`/`client_id`, `exp`, `nbf`, `iat`, scopes. A
 token is 401 `{"message": "Unauthorized"}` (403 `{"message": "Forbidden"}` for a missing
 scope) and never reaches the Lambda; an accepted one's claims become
 `requestContext.authorizer.jwt.claims`, rendered as API Gateway renders them.
-The stage's route throttling (the template's DefaultRouteSettings rate and burst) is a
-token bucket: over it, 429 `{"message": "Too Many Requests"}` before the Lambda runs.
+Route throttling (the template's DefaultRouteSettings, and RouteSettings per route key) is
+one token bucket per route, taken after the authorizer accepted the token: over it, 429
+`{"message": "Too Many Requests"}` before the Lambda runs. Requests that fail authorization
+are not metered (AWS does not charge them), so a tokenless flood cannot spend the bucket
+that signed-in users share.
+
+The front door itself answers every malformed request as API Gateway does, with a JSON
+`{"message": ...}` body and within a bounded time (`read_timeout_s` for the whole request,
+from its first byte to the body's last): the HTTP API quotas (request line and header
+values together at most 10,240 bytes: 414 for the request line, 431 for the headers;
+payload at most 10 MB: 413), Content-Length a plain decimal (else 400), chunked bodies
+decoded (malformed chunks 400), Transfer-Encoding with Content-Length 400, a request that
+stalls 408; a body that is not UTF-8 text reaches the Lambda base64-encoded; an event or a
+Lambda answer over Lambda's 6 MB invocation payload is 413 / 500. No traceback: a client
+that goes away is a log line.
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 import re
+import socket
+import sys
 import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -36,7 +53,10 @@ from joserfc.jwk import KeySet
 from avatarflow_local.workflow_stack import ACCOUNT, HttpRoute, JwtAuthorizer, Throttle
 
 LOG = logging.getLogger(__name__)
-MAX_BODY_BYTES = 10 * 1024 * 1024  # API Gateway's payload limit
+MAX_BODY_BYTES = 10 * 1024 * 1024  # HTTP API quota "Payload size": 10 MB
+MAX_HEAD_BYTES = 10240  # HTTP API quota "Total combined size of request line and header values"
+MAX_INVOKE_BYTES = 6 * 1024 * 1024  # Lambda: 6 MB each for a synchronous request and response
+READ_TIMEOUT_S = 10.0  # the whole request, first byte to last; also a keep-alive connection's idle time
 JWKS_CACHE_S = 2 * 3600  # API Gateway "can cache the public key for two hours"
 ALGORITHMS = ("RS256",)  # API Gateway: RSA only; the issuer's JWK pins its key to RS256 (`alg`)
 
@@ -188,8 +208,8 @@ class JwtVerifier:
 
 class TokenBucket:
     """API Gateway's throttling algorithm: `burst` tokens, refilled at `rate` per second;
-    a request takes one or is refused. One bucket per stage, as DefaultRouteSettings
-    applies the same limit to every route (the local API has one stage)."""
+    a request takes one or is refused. One bucket per route of the stage (the local API has
+    one stage): DefaultRouteSettings gives each route its limit, RouteSettings overrides it."""
 
     def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
         self.rate, self.burst, self.clock = float(rate), int(burst), clock
@@ -212,6 +232,55 @@ def _route_pattern(path: str) -> re.Pattern:
     return re.compile("^" + re.sub(r"\\\{([A-Za-z0-9_]+)\\\}", r"(?P<\1>[^/]+)", re.escape(path)) + "$")
 
 
+def _items(values: list[str] | None) -> list[str]:
+    """A list header's items across its repeats ("5, 5" and two "5" lines alike)."""
+    return [item.strip() for item in ",".join(values or []).split(",") if item.strip()]
+
+
+class Refused(Exception):  # noqa: N818 - an answer, not a fault
+    """A request the front door answers itself, before any route: status and the reason
+    phrase as the JSON message. The connection closes after it (the rest of the request
+    may be unread)."""
+
+    def __init__(self, status: HTTPStatus):
+        super().__init__(status.phrase)
+        self.status = status
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The socket's bytes with every read bounded by the request's deadline: a client that
+    sends slowly, or stops (slowloris, a Content-Length larger than what it sends), gets
+    TimeoutError when the deadline passes instead of holding a thread until it leaves."""
+
+    def __init__(self, sock: socket.socket, deadline: Callable[[], float]):
+        super().__init__()
+        self.sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline() - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request deadline passed")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """socketserver prints a traceback for whatever a handler lets escape; a client that
+        went away is not a fault of the server: one log line. Anything else is a bug."""
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):
+            LOG.info("api connection from %s ended: %s", client_address[0], err)
+        else:
+            LOG.error("api request from %s failed", client_address[0], exc_info=err)
+
+
 class HttpApi:
     """A ThreadingHTTPServer on 127.0.0.1 that turns requests into API Gateway v2 events."""
 
@@ -226,6 +295,8 @@ class HttpApi:
         throttle: Throttle | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        read_timeout_s: float = READ_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.routes = [(r, _route_pattern(r.path)) for r in routes]
         self.invoke = invoke
@@ -238,9 +309,17 @@ class HttpApi:
         self.verifiers = {name: JwtVerifier(config) for name, config in authorizers.items()}
         self.function = function
         self.cors = cors or {}
-        self.bucket = TokenBucket(throttle.rate, throttle.burst) if throttle else None
-        self.server = ThreadingHTTPServer((host, port), self._handler_class())
-        self.server.daemon_threads = True
+        self.read_timeout_s = read_timeout_s
+        self.buckets: dict[str, TokenBucket] = {}
+        if throttle is not None:
+            keys = {f"{r.method} {r.path}" for r in routes}
+            unknown = set(throttle.routes) - keys
+            if unknown:  # CloudFormation fails the stage: "Unable to find Route by key ..."
+                raise KeyError(f"RouteSettings name routes the API does not have: {sorted(unknown)}")
+            for key in keys:
+                limit = throttle.for_route(key)
+                self.buckets[key] = TokenBucket(limit.rate, limit.burst, clock)
+        self.server = _Server((host, port), self._handler_class())
         self._thread: threading.Thread | None = None
 
     @property
@@ -279,6 +358,11 @@ class HttpApi:
         claims, scopes = verifier.verify(headers.get(header, ""), route.scopes)
         return {"jwt": {"claims": claims, "scopes": scopes}}
 
+    def admit(self, route_key: str) -> bool:
+        """Take a token from the route's bucket (True when the API is not throttled)."""
+        bucket = self.buckets.get(route_key)
+        return bucket is None or bucket.take()
+
     def cors_headers(self, origin: str | None) -> dict[str, str]:
         allowed = self.cors.get("AllowOrigins") or []
         if not origin or not allowed:
@@ -305,7 +389,12 @@ class HttpApi:
     ) -> dict:
         now = datetime.now(UTC)
         text_types = ("application/json", "text/", "application/x-www-form-urlencoded")
-        is_text = not body or any(t in headers.get("content-type", "") for t in text_types)
+        text = None
+        if body and any(t in headers.get("content-type", "") for t in text_types):
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                text = None  # not text after all: the Lambda gets the bytes, base64-encoded
         event = {
             "version": "2.0",
             "routeKey": route_key,
@@ -331,7 +420,7 @@ class HttpApi:
                 "timeEpoch": int(now.timestamp() * 1000),
             },
             "pathParameters": path_parameters,
-            "isBase64Encoded": not is_text,
+            "isBase64Encoded": bool(body) and text is None,
         }
         if authorizer is not None:  # a route without an authorizer has no `authorizer` key
             event["requestContext"]["authorizer"] = authorizer
@@ -343,7 +432,7 @@ class HttpApi:
         if "cookie" in headers:
             event["cookies"] = [c.strip() for c in headers["cookie"].split(";") if c.strip()]
         if body:
-            event["body"] = body.decode("utf-8") if is_text else base64.b64encode(body).decode()
+            event["body"] = text if text is not None else base64.b64encode(body).decode()
         return event
 
     def _handler_class(self):
@@ -353,15 +442,54 @@ class HttpApi:
             server_version = "avatarflow-local"
             protocol_version = "HTTP/1.1"
 
+            def setup(self) -> None:
+                super().setup()
+                self.rfile.close()  # the stdlib's reader holds a reference that would keep the socket open
+                self._deadline = time.monotonic() + api.read_timeout_s
+                self.rfile = io.BufferedReader(_DeadlineReader(self.connection, lambda: self._deadline))
+
             def log_message(self, fmt, *args):  # noqa: A003 - stdlib name
                 LOG.info("api %s", fmt % args)
 
+            def send_error(self, code, message=None, explain=None) -> None:
+                """The stdlib's own refusals (bad request line, version, too many or too long
+                header lines) as API Gateway words them: JSON, not an HTML page."""
+                self.close_connection = True
+                self._json(int(code), {"message": HTTPStatus(code).phrase})
+                self._linger()
+
+            def _linger(self) -> None:
+                """After an answer that leaves part of the request unread: stop sending and
+                drop what the client still sends, briefly (at most a second and the payload
+                quota), so closing does not reset the connection before the client has read
+                the answer (a close with unread data sends RST, and the answer is lost)."""
+                try:
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_WR)
+                    self.connection.settimeout(0.2)
+                    end, dropped = time.monotonic() + 1.0, 0
+                    while time.monotonic() < end and dropped < MAX_BODY_BYTES:
+                        data = self.connection.recv(64 * 1024)
+                        if not data:
+                            break
+                        dropped += len(data)
+                except OSError:
+                    pass
+
+            def handle_expect_100(self) -> bool:
+                return True  # 100 Continue is sent once the request's head is accepted (_read_body)
+
             def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
+                if self.request_version == "HTTP/0.9":
+                    self.request_version = "HTTP/1.0"  # answer with a status line all the same
+                self.connection.settimeout(api.read_timeout_s)  # writing is not bound by the read deadline
                 self.send_response(status)
                 for name, value in headers.items():
                     if name.lower() not in ("content-length", "connection", "transfer-encoding"):
                         self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
+                if self.close_connection:
+                    self.send_header("Connection", "close")
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)
@@ -373,15 +501,130 @@ class HttpApi:
                     json.dumps(payload).encode(),
                 )
 
-            def _handle(self) -> None:
+            def handle_one_request(self) -> None:
+                """One request, every outcome an answer: the stdlib's version would leave a
+                timeout unanswered, accept any header size and let exceptions print."""
+                self._deadline = time.monotonic() + api.read_timeout_s
+                self.command, self.request_version, self.requestline = None, "HTTP/1.1", ""
+                started = False
+                try:
+                    line = self.rfile.readline(MAX_HEAD_BYTES + 1)
+                    if line in (b"\r\n", b"\n"):  # RFC 9112 2.2: one empty line before a request is ignored
+                        line = self.rfile.readline(MAX_HEAD_BYTES + 1)
+                    if not line:
+                        self.close_connection = True  # the client closed the connection (or sent nothing)
+                        return
+                    started = True
+                    self.raw_requestline = line
+                    if len(line) > MAX_HEAD_BYTES:
+                        self.requestline = str(line[:80], "iso-8859-1") + "..."
+                        raise Refused(HTTPStatus.REQUEST_URI_TOO_LONG)
+                    if len(line.split()) < 3:  # no version (HTTP/0.9), or not a request line at all
+                        self.requestline = str(line[:80], "iso-8859-1").rstrip("\r\n")
+                        raise Refused(HTTPStatus.BAD_REQUEST)
+                    if not self.parse_request():  # it has answered (send_error)
+                        self.close_connection = True
+                        return
+                    headers = self._head()
+                    body = self._read_body()
+                    self._respond(headers, body)
+                    self.wfile.flush()
+                except Refused as refused:
+                    self.close_connection = True
+                    self._json(refused.status, {"message": refused.status.phrase})
+                    self._linger()
+                except TimeoutError:
+                    self.close_connection = True
+                    LOG.info("api request from %s timed out after %.1f s", self.client_address[0],
+                             api.read_timeout_s)
+                    if started:
+                        self._json(HTTPStatus.REQUEST_TIMEOUT, {"message": HTTPStatus.REQUEST_TIMEOUT.phrase})
+                        self._linger()
+                except OSError as err:  # the client went away: nobody to answer
+                    self.close_connection = True
+                    LOG.info("api connection from %s ended: %s", self.client_address[0], err)
+                except Exception:  # a bug of this adapter: API Gateway would still answer 500
+                    LOG.exception("api request %r failed", self.requestline[:200])
+                    self.close_connection = True
+                    self._json(500, {"message": "Internal Server Error"})
+
+            def _head(self) -> dict[str, str]:
+                """The headers as payload 2.0 carries them (names lowercased, repeats joined
+                with commas), after the HTTP API quota on the head's size."""
+                size = len(self.requestline) + sum(len(v) for v in self.headers.values())
+                if size > MAX_HEAD_BYTES:
+                    raise Refused(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+                headers: dict[str, str] = {}
+                for name, value in self.headers.items():
+                    name = name.lower()
+                    headers[name] = f"{headers[name]},{value}" if name in headers else value
+                return headers
+
+            def _read_body(self) -> bytes:
+                """The body by its framing: chunked, or Content-Length (1*DIGIT, repeats only
+                with the same value), else none. Both framings at once is 400 (RFC 9112 6.1:
+                the request smuggling case)."""
+                encodings = self.headers.get_all("transfer-encoding")
+                codings = [c.lower() for c in _items(encodings)]
+                declared = self.headers.get_all("content-length")
+                lengths = set(_items(declared))
+                if (declared and not lengths) or (encodings and not codings):
+                    raise Refused(HTTPStatus.BAD_REQUEST)  # the header with no value
+                if codings:
+                    if lengths or codings != ["chunked"]:
+                        raise Refused(HTTPStatus.BAD_REQUEST)
+                    self._continue()
+                    return self._read_chunked()
+                if not lengths:
+                    return b""
+                if len(lengths) != 1 or not re.fullmatch(r"[0-9]+", value := lengths.pop()):
+                    raise Refused(HTTPStatus.BAD_REQUEST)
+                digits = value.lstrip("0") or "0"
+                if len(digits) > 12 or int(digits) > MAX_BODY_BYTES:  # never int() of 10,000 digits
+                    raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+                length = int(digits)
+                if not length:
+                    return b""
+                self._continue()
+                return self._read_exactly(length)
+
+            def _continue(self) -> None:
+                expects = self.headers.get("expect", "").lower() == "100-continue"
+                if expects and self.request_version >= "HTTP/1.1":
+                    self.send_response_only(HTTPStatus.CONTINUE)
+                    self.end_headers()
+
+            def _read_exactly(self, size: int) -> bytes:
+                data = self.rfile.read(size)
+                if len(data) < size:
+                    raise ConnectionAbortedError("the client closed the connection inside the body")
+                return data
+
+            def _read_chunked(self) -> bytes:
+                body = bytearray()
+                while True:
+                    line = self.rfile.readline(1024)
+                    size_text = line.split(b";", 1)[0].strip()
+                    if not line.endswith(b"\n") or not re.fullmatch(rb"[0-9A-Fa-f]{1,8}", size_text):
+                        raise Refused(HTTPStatus.BAD_REQUEST)
+                    size = int(size_text, 16)
+                    if not size:
+                        break
+                    if len(body) + size > MAX_BODY_BYTES:
+                        raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+                    body += self._read_exactly(size)
+                    if self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                        raise Refused(HTTPStatus.BAD_REQUEST)
+                trailers = 0
+                while (line := self.rfile.readline(MAX_HEAD_BYTES + 1)) not in (b"\r\n", b"\n"):
+                    trailers += len(line)
+                    if not line.endswith(b"\n") or trailers > MAX_HEAD_BYTES:
+                        raise Refused(HTTPStatus.BAD_REQUEST)
+                return bytes(body)
+
+            def _respond(self, headers: dict[str, str], body: bytes) -> None:
                 split = urlsplit(self.path)
-                headers = {k.lower(): v for k, v in self.headers.items()}
                 headers.update({"x-forwarded-proto": "http", "x-forwarded-for": self.client_address[0]})
-                length = int(headers.get("content-length") or 0)
-                if length > MAX_BODY_BYTES:
-                    self._json(413, {"message": "Request Entity Too Large"})
-                    return
-                body = self.rfile.read(length) if length else b""
                 cors = api.cors_headers(headers.get("origin"))
                 if self.command == "OPTIONS" and "access-control-request-method" in headers:
                     preflight = dict(cors)
@@ -395,31 +638,31 @@ class HttpApi:
                 if matched is None:
                     self._json(404, {"message": "Not Found"}, cors)
                     return
-                # Throttled before the token is checked: a flood (bad tokens included) is
-                # refused cheaply and never reaches the verifier or the Lambda.
-                if api.bucket is not None and not api.bucket.take():
-                    self._json(429, {"message": "Too Many Requests"}, cors)
-                    return
                 route, path_parameters = matched
+                route_key = f"{route.method} {route.path}"
                 try:
                     authorizer = api.authorize(route, headers)
                 except Denied as denied:
                     status, answer, challenge = denied.answer(route.scopes)
                     self._json(status, answer, {**cors, **challenge})
                     return
-                event = api.event(
-                    self.command,
-                    split.path,
-                    split.query,
-                    headers,
-                    body,
-                    f"{route.method} {route.path}",
-                    path_parameters,
-                    authorizer,
-                    self.client_address[0],
-                )
-                payload, error = api.invoke(api.function, event)
-                if error is not None or not isinstance(payload, dict) or "statusCode" not in payload:
+                # Throttled once the authorizer accepted the caller: a refused token is not
+                # a metered request, so it never spends the route's bucket.
+                if not api.admit(route_key):
+                    self._json(429, {"message": "Too Many Requests"}, cors)
+                    return
+                event = api.event(self.command, split.path, split.query, headers, body, route_key,
+                                  path_parameters, authorizer, self.client_address[0])
+                if len(json.dumps(event)) > MAX_INVOKE_BYTES:  # Lambda refuses the invocation
+                    self._json(413, {"message": "Request Entity Too Large"}, cors)
+                    return
+                try:
+                    payload, error = api.invoke(api.function, event)
+                except Exception as err:  # noqa: BLE001 - a failed Invoke is API Gateway's 500
+                    LOG.warning("api: invoking %s failed: %s: %s", api.function, type(err).__name__, err)
+                    payload, error = None, "Invoke"
+                if (error is not None or not isinstance(payload, dict) or "statusCode" not in payload
+                        or len(json.dumps(payload, default=str)) > MAX_INVOKE_BYTES):
                     self._json(500, {"message": "Internal Server Error"}, cors)
                     return
                 out_headers = {k.lower(): str(v) for k, v in (payload.get("headers") or {}).items()}
@@ -428,7 +671,5 @@ class HttpApi:
                 out = payload.get("body") or ""
                 data = base64.b64decode(out) if payload.get("isBase64Encoded") else out.encode("utf-8")
                 self._send(int(payload["statusCode"]), {**cors, **out_headers}, data)
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = _handle  # noqa: N815
 
         return Handler

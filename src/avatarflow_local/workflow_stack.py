@@ -331,22 +331,37 @@ def http_route(props: dict, auth: HttpApiAuth) -> HttpRoute:
 
 @dataclass
 class Throttle:
-    """An HTTP API stage's DefaultRouteSettings throttling: steady requests/s and burst."""
+    """An HTTP API stage's route throttling: steady requests/s and burst from
+    DefaultRouteSettings, and `routes`: the RouteSettings overrides by route key
+    ("POST /users/{user_id}/generations"). API Gateway keeps one token bucket per route."""
 
     rate: float
     burst: int
+    routes: dict[str, Throttle] = field(default_factory=dict)
+
+    def for_route(self, route_key: str) -> Throttle:
+        """The limit a route gets: its own RouteSettings, else the stage's default."""
+        return self.routes.get(route_key, self)
 
 
 def http_api_throttle(template: dict | None = None,
                       parameters: dict[str, str] | None = None) -> Throttle | None:
-    """The template's HttpApi DefaultRouteSettings throttling (parameters resolved: their
-    defaults unless given), or None when the API declares none."""
+    """The template's HttpApi throttling (parameters resolved: their defaults unless given):
+    DefaultRouteSettings' rate and burst, with each RouteSettings entry that sets a limit as
+    a route override; None when the API declares no default limit."""
     template = template or load_template()
     res = TemplateResolver(template, "throttle", parameters)
     for spec in _resources_of(template, "AWS::Serverless::HttpApi").values():
-        route = res.resolve(spec["Properties"].get("DefaultRouteSettings", {}))
-        if "ThrottlingRateLimit" in route or "ThrottlingBurstLimit" in route:
-            return Throttle(float(route["ThrottlingRateLimit"]), int(route["ThrottlingBurstLimit"]))
+        default = res.resolve(spec["Properties"].get("DefaultRouteSettings", {}))
+        if "ThrottlingRateLimit" not in default and "ThrottlingBurstLimit" not in default:
+            continue
+        throttle = Throttle(float(default["ThrottlingRateLimit"]), int(default["ThrottlingBurstLimit"]))
+        for key, settings in res.resolve(spec["Properties"].get("RouteSettings", {})).items():
+            if "ThrottlingRateLimit" in settings or "ThrottlingBurstLimit" in settings:
+                # Both or neither: what AWS applies for the one left out is not modelled here.
+                throttle.routes[key] = Throttle(float(settings["ThrottlingRateLimit"]),
+                                                int(settings["ThrottlingBurstLimit"]))
+        return throttle
     return None
 
 

@@ -522,7 +522,7 @@ def test_an_empty_listing_is_aws_shaped_locally():
             assert time.time() < deadline
             time.sleep(0.05)
     assert desc["status"] == "SUCCEEDED", desc.get("cause")
-    assert json.loads(desc["output"])["listing"] == {"keys": [], "etags": [], "count": 0}
+    assert json.loads(desc["output"])["listing"] == {"keys": [], "etags": [], "count": 0, "truncated": False}
 
 
 # --------------------------------------------------------------------------- metrics

@@ -127,7 +127,7 @@ def test_request_json_is_skipped(s3, preprocess):
 
 def test_photo_deleted_since_listing_is_a_rejection(s3, preprocess):
     result = preprocess({"key": f"uploads/{USER}/{BATCH}/gone.jpg", "index": 0})
-    assert result["accepted"] is False and result["reason"] == "not_an_image"
+    assert result["accepted"] is False and result["reason"] == "photo_deleted"
 
 
 def test_s3_outage_raises_so_step_functions_retries(preprocess, monkeypatch):

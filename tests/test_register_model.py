@@ -79,7 +79,7 @@ def test_publishes_adapter_and_marks_ready(env):
     # Every call was checked against the function's role: two uploads under models/.
     assert env["stack"].enforcer.allowed[("avatarflow-local-RegisterModelFunctionRole", "s3:PutObject")] == 2
     note = result["notification"]
-    assert note["subject"] == "Your avatar model is ready"
+    assert note["subject"] == "Your avatar model is ready: batch b1"
     assert "x.jpg: too blurry" in note["message"] and "POST /users/ada/generations" in note["message"]
     json.dumps(result)  # the state machine needs plain JSON (no Decimal)
 
@@ -180,6 +180,8 @@ def test_notify_formats_rejection_and_failure(stack):
             },
         },
     )
-    assert "CUDA out of memory" in failed["message"] and "b1" in failed["message"]
+    # The email names the batch and the failure's class, never its raw cause (tests/test_notifications.py).
+    assert "stopped with an error" in failed["message"] and "batch b1" in failed["message"]
+    assert "CUDA out of memory" not in failed["message"]
     with pytest.raises(ValueError):
         notify({"event": "SOMETHING", "user_id": "ada", "batch_id": "b1"})

@@ -105,7 +105,9 @@ def test_too_few_usable_photos_is_rejected_with_reasons(aws):
     assert msg["event"] == "MODEL_REJECTED"
     assert "notes.jpg" in msg["body"] and "landscape.png" in msg["body"]
     assert "Usable photos: 3; at least 8 are needed." in msg["body"]
-    assert "upload 10-15 new photos" in msg["body"]
+    assert "make a new batch of 10-15 photos" in msg["body"] and f"POST /users/{USER}/uploads" in msg["body"]
+    keepers = "keep them for your next batch:\n  - photo_00.jpg\n  - photo_01.jpg\n  - photo_02.jpg\n"
+    assert keepers in msg["body"]  # the three good photos, to upload again with new ones
     assert keys_under(aws, f"datasets/{USER}/b2/manifest.json")
 
 
@@ -122,7 +124,9 @@ def test_training_failure_marks_registry_failed_and_emails(aws, monkeypatch):
     assert row["status"] == "FAILED"
     assert row["failure_error"] == "TrainingJobFailed" and "base_model" in row["failure_cause"]
     (msg,) = messages(aws)
-    assert msg["event"] == "MODEL_FAILED" and "base_model" in msg["body"] and "b3" in msg["body"]
+    assert msg["event"] == "MODEL_FAILED" and "batch b3" in msg["body"]
+    # The user reads what happened in plain words; the cause stays on the registry row.
+    assert "stopped with an error" in msg["body"] and "base_model" not in msg["body"]
 
 
 def test_duplicate_events_and_two_waves_make_one_execution_and_one_job(aws):
@@ -188,4 +192,4 @@ def test_batch_emptied_before_listing_is_rejected_and_the_user_told(aws):
     assert "Item" not in aws["table"].get_item(Key={"user_id": USER, "version": "b6"})
     (msg,) = messages(aws)
     assert msg["event"] == "MODEL_REJECTED" and msg["user_id"] == USER
-    assert "the upload batch is empty" in msg["body"] and f"uploads/{USER}/b6/" in msg["body"]
+    assert "from batch b6: the batch is empty" in msg["body"] and "uploads/" not in msg["body"]

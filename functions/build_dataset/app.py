@@ -1,12 +1,15 @@
 """build_dataset: the PrepareImages Map's results -> the training set and manifest.json.
 
-Event: {"user_id", "batch_id", "results": [<preprocess_image outputs>], "min_images": 8}.
+Event: {"user_id", "batch_id", "results": [<preprocess_image outputs>], "min_images": 8,
+"overflow": {"names": [<keys listed after the batch's first MAX_BATCH_FILES>], "more": bool}}.
 Also reads the batch's optional request.json for the training token and subject class
 (it is read here, after the settle loop, because it may arrive after the first photo).
 Drops near-duplicates and photos of a different person, deletes every crop under
 datasets/<user_id>/<batch_id>/images/ that is not in the training set (so the training
 channel holds exactly it), writes manifest.json and returns counts (no embeddings: Step
 Functions payloads are limited to 256 KB). The same input always gives the same manifest.
+A batch uses at most MAX_BATCH_PHOTOS photos: the rest (past the limit in the listing, or
+not listed at all: `overflow`) come back as `ignored` by name, so the email can say so.
 """
 
 import json
@@ -65,10 +68,26 @@ def _photo_entry(result: dict, images_prefix: str) -> dict:
     }
 
 
-def _request_listed(results: list, user_id: str, batch_id: str) -> bool:
-    """Was request.json in the batch's listing? (preprocess_image answered it `skipped`.)"""
+def _request_listed(results: list, overflow_keys: list[str], user_id: str, batch_id: str) -> bool:
+    """Was request.json in the batch's listing? (preprocess_image answered it `skipped`; in an
+    over-full batch it may be among the keys listed after the limit.)"""
     key = keys.upload_prefix(user_id, batch_id) + keys.REQUEST_FILE
-    return any(isinstance(r, dict) and r.get("skipped") and r.get("key") == key for r in results)
+    return key in overflow_keys or any(
+        isinstance(r, dict) and r.get("skipped") and r.get("key") == key for r in results
+    )
+
+
+def _overflow(event: dict, user_id: str, batch_id: str) -> tuple[list[str], bool]:
+    """The keys the state machine listed past the batch's limit (ListIgnored), and whether
+    there were still more; both empty when the batch fit."""
+    overflow = event.get("overflow") or {}
+    names, more = overflow.get("names") or [], overflow.get("more", False)
+    prefix = keys.upload_prefix(user_id, batch_id)
+    if not (isinstance(names, list) and all(isinstance(n, str) and n.startswith(prefix) for n in names)):
+        raise ValueError(f"overflow.names must be keys under {prefix}")
+    if not isinstance(more, bool):
+        raise ValueError("overflow.more must be a boolean")
+    return names, more
 
 
 @tracer.capture_method
@@ -129,28 +148,40 @@ def handler(event, context):
     photos = [
         _photo_entry(r, images_prefix) for r in results if not (isinstance(r, dict) and r.get("skipped"))
     ]
+    overflow_keys, ignored_more = _overflow(event, user_id, batch_id)
+    # Over the limit: the photos listed past MAX_BATCH_PHOTOS (a batch without request.json
+    # lists one more photo) and every file listed after the batch's first page.
+    ignored = [p["name"] for p in photos[workflow.MAX_BATCH_PHOTOS :]]
+    ignored += [k.rsplit("/", 1)[-1] for k in overflow_keys if not k.endswith("/" + keys.REQUEST_FILE)]
+    photos = photos[: workflow.MAX_BATCH_PHOTOS]
     candidates = [
         faces.Candidate(p["name"], p["_embedding"], p["_phash"]) for p in photos if p["verdict"] == "ok"
     ]
     if len({c.name for c in candidates}) != len(candidates):
         raise ValueError("photo names in one batch must be unique")
-    dropped = faces.select_batch(candidates)
+    dropped = faces.choose_batch(candidates)
     for photo in photos:
-        reason = dropped.get(photo["name"]) if photo["verdict"] == "ok" else None
-        if reason:
-            photo.update(verdict=reason, reason=reason, message=faces.REASON_MESSAGES[reason], crop_key=None)
+        drop = dropped.get(photo["name"]) if photo["verdict"] == "ok" else None
+        if drop:
+            message = faces.REASON_MESSAGES[drop.reason]
+            photo.update(verdict=drop.reason, reason=drop.reason, message=message, crop_key=None)
+            if drop.duplicate_of:
+                photo["duplicate_of"] = drop.duplicate_of
     kept = [p for p in photos if p["verdict"] == "ok"]
     reference = faces.mean_embedding([p["_embedding"] for p in kept])
 
     removed = _prune_images(bucket, images_prefix, {p["crop_key"] for p in kept})
-    if _request_listed(results, user_id, batch_id):
+    if _request_listed(results, overflow_keys, user_id, batch_id):
         subject, request_issues = _read_request(bucket, user_id, batch_id)
     else:
         subject, request_issues = workflow.training_subject(None)
     if request_issues:
         logger.warning("request.json values not used", extra={"issues": request_issues})
     rejections = [
-        {"name": p["name"], "reason": p["reason"], "message": p["message"]} for p in photos if p["reason"]
+        {"name": p["name"], "reason": p["reason"], "message": p["message"]}
+        | ({"duplicate_of": p["duplicate_of"]} if p.get("duplicate_of") else {})
+        for p in photos
+        if p["reason"]
     ]
     enough = len(kept) >= min_images
     manifest = {
@@ -166,6 +197,8 @@ def handler(event, context):
             "by_reason": dict(sorted(Counter(p["reason"] for p in photos if p["reason"]).items())),
         },
         "images": [p["crop_key"] for p in kept],
+        "ignored": ignored,
+        "ignored_more": ignored_more,
         **subject,
         "request_issues": request_issues,
         "reference_embedding": reference,
@@ -209,6 +242,10 @@ def handler(event, context):
         "dataset_prefix": prefix,
         "manifest_key": manifest_key,
         "rejections": rejections,
+        # The photos that passed: a rejected batch's email says they can be uploaded again.
+        "kept": [p["name"] for p in kept],
+        "ignored": ignored,
+        "ignored_more": ignored_more,
         **subject,
         "request_issues": request_issues,
     }

@@ -91,10 +91,14 @@ def handler(event, context):
     try:
         data = _read(bucket, key, settings.max_bytes)
     except ClientError as err:
-        if err.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+        # This role may read uploads/* but not list the bucket, so S3 answers a key deleted
+        # since the listing with 403 (AccessDenied; "403" on HEAD), never 404: both mean gone.
+        if err.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404", "AccessDenied", "403"):
             raise  # S3 trouble: let Step Functions retry
         logger.warning("photo vanished before processing")
-        data = b""  # deleted since the listing: nothing to read
+        metrics.add_dimension("reason", "photo_deleted")
+        metrics.add_metric(name="PhotosRejected", unit=MetricUnit.Count, value=1)
+        return _result(key, upload.name, reason="photo_deleted")
     if data is None:
         analysis = faces.PhotoAnalysis(verdict="too_large")
     else:

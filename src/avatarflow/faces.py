@@ -42,6 +42,12 @@ class IntakeSettings:
     other_face_ratio: float = 0.45
     # Face size = sqrt(box width * box height) in pixels of the original photo.
     min_face_px: int = 80
+    # face_cut_off when the face box comes closer to an edge of the photo than this share of
+    # the face size: the square crop would then be shifted or padded around a partial face.
+    # On the shipped photos YuNet's box ends 2-7 % of the face size inside the frame when the
+    # photo is cut 0-5 % of the face past its box, past the frame once the cut reaches the
+    # face, and 8-13 % inside with 10 % of room; well-framed shots keep 17 % or more.
+    edge_margin: float = 0.05
     # Variance of the Laplacian on the grey face region of the crop seen at 512 px (so one
     # threshold serves every `resolution`), after stretching that region to a grey
     # standard deviation of 50 so that a dim or low-contrast face is not taken for blurry.
@@ -82,10 +88,13 @@ REASON_MESSAGES: dict[str, str] = {
     "no_face": "No face was found in the photo.",
     "several_faces": "The photo shows more than one face; please use photos of you alone.",
     "face_too_small": "The face is too small in the photo; please use a closer shot.",
+    "face_cut_off": "The face is cut off by the edge of the photo; please use a photo that shows your whole"
+    " face with some space around it.",
     "blurry": "The face is blurry; please use a sharper photo.",
     "too_dark": "The photo is too dark to see the face clearly.",
     "duplicate": "This photo is a near-duplicate of another photo in the batch.",
     "different_person": "The face in this photo does not match the person in the other photos.",
+    "photo_deleted": "The photo was deleted before we could check it.",
 }
 REASONS = tuple(REASON_MESSAGES)
 
@@ -315,6 +324,13 @@ def _face_size(row: np.ndarray) -> float:
     return math.sqrt(max(float(row[2]), 0.0) * max(float(row[3]), 0.0))
 
 
+def _edge_gap(row: np.ndarray, width: int, height: int) -> float:
+    """Distance from the face box to the nearest edge of a width x height image (negative
+    when the box reaches past it: YuNet extends a cut face's box beyond the frame)."""
+    x, y, w, h = (float(v) for v in row[:4])
+    return min(x, y, width - (x + w), height - (y + h))
+
+
 def _square_box(row: np.ndarray, width: int, height: int, crop_scale: float) -> tuple[float, float, float]:
     """Square (x0, y0, side) around the face, clamped inside a width x height image."""
     x, y, w, h = (float(v) for v in row[:4])
@@ -399,6 +415,8 @@ def _analyze(data: bytes, settings: IntakeSettings, lap, timings) -> PhotoAnalys
         raise_with(result, "several_faces")
     if sizes[0] * to_full < settings.min_face_px:
         raise_with(result, "face_too_small")
+    if _edge_gap(largest, small.width, small.height) < settings.edge_margin * sizes[0]:
+        raise_with(result, "face_cut_off")
     lap("checks")
 
     # Crop in original coordinates, then take it from a decode fine enough for `resolution`.
@@ -498,37 +516,57 @@ class Candidate:
     phash: str | None = None
 
 
-def select_batch(candidates: list[Candidate], settings: IntakeSettings = DEFAULT_SETTINGS) -> dict[str, str]:
-    """Decide which accepted photos to drop: {name: "duplicate" | "different_person"}.
+@dataclass(frozen=True)
+class Dropped:
+    """Why build_dataset leaves an accepted photo out; a duplicate names the kept photo it
+    repeats, so the email can say which two photos are the same."""
+
+    reason: str  # "duplicate" | "different_person"
+    duplicate_of: str | None = None
+
+
+def choose_batch(
+    candidates: list[Candidate], settings: IntakeSettings = DEFAULT_SETTINGS
+) -> dict[str, Dropped]:
+    """Decide which accepted photos to drop: {name: Dropped}.
 
     Deterministic for a given input order: the medoid (the embedding with the highest
     summed cosine to all others) defines the batch's person; photos below
     `same_person_cosine` to it are a different person. Among the rest, a photo is a
-    duplicate of an earlier kept photo when their crop hashes are within
-    `duplicate_hash_bits` or their embeddings within `duplicate_cosine`."""
+    duplicate of the first earlier kept photo whose crop hash is within
+    `duplicate_hash_bits` or whose embedding is within `duplicate_cosine`."""
     if not candidates:
         return {}
     rows = np.asarray([c.embedding for c in candidates], dtype=np.float64)
     rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
     similarity = rows @ rows.T
     medoid = int(np.argmax(similarity.sum(axis=1)))
-    dropped: dict[str, str] = {}
+    dropped: dict[str, Dropped] = {}
     kept: list[int] = []
     for i, candidate in enumerate(candidates):
         if similarity[i, medoid] < settings.same_person_cosine:
-            dropped[candidate.name] = "different_person"
+            dropped[candidate.name] = Dropped("different_person")
             continue
-        duplicate = any(
-            similarity[i, j] >= settings.duplicate_cosine
-            or (
-                candidate.phash
-                and candidates[j].phash
-                and hash_distance(candidate.phash, candidates[j].phash) <= settings.duplicate_hash_bits
-            )
-            for j in kept
+        same = next(
+            (
+                j
+                for j in kept
+                if similarity[i, j] >= settings.duplicate_cosine
+                or (
+                    candidate.phash
+                    and candidates[j].phash
+                    and hash_distance(candidate.phash, candidates[j].phash) <= settings.duplicate_hash_bits
+                )
+            ),
+            None,
         )
-        if duplicate:
-            dropped[candidate.name] = "duplicate"
+        if same is not None:
+            dropped[candidate.name] = Dropped("duplicate", candidates[same].name)
         else:
             kept.append(i)
     return dropped
+
+
+def select_batch(candidates: list[Candidate], settings: IntakeSettings = DEFAULT_SETTINGS) -> dict[str, str]:
+    """choose_batch's decisions as {name: "duplicate" | "different_person"}."""
+    return {name: drop.reason for name, drop in choose_batch(candidates, settings).items()}

@@ -1,7 +1,12 @@
 """The text of the emails the training workflow sends (SNS -> email).
 
-Plain text a person can read: what happened, which photos were not used and why, and
-what to do next."""
+Written for the person who uploaded the photos, not for an operator: every email names the
+batch, says what happened and what to do next in terms that person has (upload a new batch,
+request a generation: the API's routes), and never shows an S3 key or bucket, an error's
+raw cause, a JSON document or a stack trace. Operators find those on the registry row
+(failure_error, failure_cause) and in the execution history; the email gives the batch id
+as the reference for support. Nothing here promises that a failure is temporary.
+"""
 
 from __future__ import annotations
 
@@ -10,118 +15,226 @@ import json
 from avatarflow.workflow import (
     DEFAULT_SUBJECT_CLASS,
     DEFAULT_TOKEN,
+    MAX_BATCH_PHOTOS,
     MODEL_FAILED,
     MODEL_READY,
     MODEL_REJECTED,
 )
 
 _MAX_LISTED = 30
-_MAX_CAUSE = 400
+# Failure classes of MODEL_FAILED (failure_kind); each has its own wording.
+TRAINING_FAILED = "training_failed"
+TIMED_OUT = "timed_out"
+INTERNAL_ERROR = "internal_error"
+# SageMaker's SecondaryStatus when a job hits its stopping condition; the local stand-in
+# (src/avatarflow_local/training_job.py) says "reached the stopping condition".
+_RUNTIME_LIMIT_MARKS = ("MaxRuntimeExceeded", "reached the stopping condition")
+_CAPACITY_WAIT_MARK = "MaxWaitTimeExceeded"
+
+
+def _upload_route(user_id: str) -> str:
+    return f"POST /users/{user_id}/uploads"
+
+
+def _upload_again(user_id: str) -> str:
+    return (
+        f"Upload them as a new batch: ask for upload links ({_upload_route(user_id)}) and upload each photo"
+        " to its link. Training starts by itself once the upload is complete."
+    )
 
 
 def _generate_hint(user_id: str, version: str, token: str, subject_class: str) -> str:
     return (
-        "To create avatars, send a prompt that mentions your token, for example:\n"
-        f"  POST /users/{user_id}/generations\n"
-        f'  {{"prompt": "a portrait of {token} {subject_class} as an astronaut, studio light", '
-        f'"model_version": "{version}", "num_images": 4}}\n'
-        "You get a generation id back; poll "
-        f"GET /users/{user_id}/generations/<generation_id> until the images are ready."
+        f"To create avatars, request a generation with a prompt that mentions your token ({token}),"
+        " for example:\n"
+        f"  a portrait of {token} {subject_class} as an astronaut, studio light\n"
+        f"Send it with model version {version} (POST /users/{user_id}/generations). You get a"
+        f" generation id back; check on it (GET /users/{user_id}/generations/<generation id>) until"
+        " the images are ready."
     )
 
 
+def _subject(text: str) -> str:
+    """SNS email subjects must be under 100 characters: ids are at most 64."""
+    return text if len(text) < 100 else text[:96] + "..."
+
+
+def _photo_line(item: dict) -> str:
+    name = str(item.get("name") or "?")
+    text = str(item.get("message") or item.get("reason") or "It could not be used.")
+    if item.get("duplicate_of"):
+        text = f"This photo is a near-duplicate of {item['duplicate_of']}, which we kept."
+    return f"  - {name}: {text}"
+
+
+def _listed(lines: list[str], total: int) -> list[str]:
+    shown = lines[:_MAX_LISTED]
+    if total > len(shown):
+        shown.append(f"  ... and {total - len(shown)} more")
+    return shown
+
+
 def _rejection_lines(rejections: list[dict]) -> list[str]:
-    lines = []
-    for item in rejections[:_MAX_LISTED]:
-        name = str(item.get("name") or "?")
-        text = item.get("message") or str(item.get("reason") or "not usable")
-        lines.append(f"  - {name}: {text}")
-    if len(rejections) > _MAX_LISTED:
-        lines.append(f"  ... and {len(rejections) - _MAX_LISTED} more")
+    return _listed([_photo_line(item) for item in rejections], len(rejections))
+
+
+def _ignored_lines(dataset: dict) -> list[str]:
+    """Files past the batch's limit (build_dataset's `ignored`), or nothing."""
+    ignored = [str(name) for name in dataset.get("ignored") or []]
+    if not ignored:
+        return []
+    lines = [
+        "",
+        f"A batch holds at most {MAX_BATCH_PHOTOS} photos (and request.json), so these files were"
+        " ignored and not looked at:",
+        *_listed([f"  - {name}" for name in ignored], len(ignored)),
+    ]
+    if dataset.get("ignored_more"):
+        lines.append("  ... and more files after those")
     return lines
 
 
+def _request_lines(dataset: dict) -> list[str]:
+    return [f"Note on your request.json: {issue}." for issue in dataset.get("request_issues") or []]
+
+
 def ready(user_id: str, batch_id: str, version: str, metrics: dict | None, dataset: dict | None) -> dict:
+    """MODEL_READY. `metrics` (training loss, step times) stay on the registry row: they
+    mean nothing to the person who gets this email."""
+    del metrics
     dataset = dataset or {}
     lines = [
-        "Your avatar model is ready.",
+        f"Your avatar model from batch {batch_id} is ready.",
         "",
-        f"Model version: {version} (from upload batch {batch_id}).",
+        f"Model version: {version}.",
     ]
     if dataset.get("accepted") is not None:
         lines.append(f"It was trained on {dataset['accepted']} of your photos.")
     rejections = dataset.get("rejections") or []
     if rejections:
         lines += ["", "These photos were not used:", *_rejection_lines(rejections)]
-    if metrics:
-        shown = ", ".join(f"{k}={v}" for k, v in sorted(metrics.items()) if isinstance(v, int | float | str))
-        if shown:
-            lines += ["", f"Training: {shown}"]
-    for issue in dataset.get("request_issues") or []:
-        lines.append(f"Note on your request.json: {issue}.")
+    lines += _ignored_lines(dataset)
+    request_lines = _request_lines(dataset)
+    if request_lines:
+        lines += ["", *request_lines]
     token = dataset.get("token") or DEFAULT_TOKEN
     subject_class = dataset.get("subject_class") or DEFAULT_SUBJECT_CLASS
     lines += ["", _generate_hint(user_id, version, token, subject_class)]
-    return {"event": MODEL_READY, "subject": "Your avatar model is ready", "message": "\n".join(lines)}
+    subject = _subject(f"Your avatar model is ready: batch {batch_id}")
+    return {"event": MODEL_READY, "subject": subject, "message": "\n".join(lines)}
+
+
+def _emptied(dataset: dict) -> bool:
+    """Nothing left to look at: the listing was empty (the state machine's BatchEmpty), or
+    every listed photo was deleted before it could be checked (preprocess_image's
+    `photo_deleted`)."""
+    if dataset.get("empty_batch"):
+        return True
+    rejections = dataset.get("rejections") or []
+    return (
+        not dataset.get("accepted")
+        and bool(rejections)
+        and all(item.get("reason") == "photo_deleted" for item in rejections)
+    )
 
 
 def rejected(user_id: str, batch_id: str, dataset: dict) -> dict:
-    """Too few usable photos; `empty_batch` (set by the state machine when the listing found
-    nothing, e.g. the photos were deleted before training started) says so instead."""
+    """MODEL_REJECTED: too few usable photos, or an emptied batch. Lists each photo that was
+    not used and why (a duplicate names the photo it repeats), the photos that were fine and
+    can go into the next batch, and the files ignored past the batch's limit."""
     accepted = dataset.get("accepted", 0)
     needed = dataset.get("min_images")
     rejections = dataset.get("rejections") or []
-    if dataset.get("empty_batch"):
+    kept = [str(name) for name in dataset.get("kept") or []]
+    if _emptied(dataset):
+        subject = f"Your batch {batch_id} is empty"
         lines = [
-            "We could not train your avatar model: the upload batch is empty.",
+            f"We could not train your avatar model from batch {batch_id}: the batch is empty.",
             "",
-            f"No photos were found in uploads/{user_id}/{batch_id}/ when training was about to start"
-            " (they were deleted, or never finished uploading).",
+            "When we went to check the photos, none were left: they were deleted, or never finished"
+            " uploading.",
         ]
+        next_step = "What to do next: choose 10-15 photos of yourself. " + _upload_again(user_id)
     else:
+        subject = f"Not enough usable photos in batch {batch_id}"
         needed_text = f"; at least {needed} are needed." if needed is not None else "."
-        lines = ["We could not train your avatar model: too few usable photos.", "",
-                 f"Usable photos: {accepted}{needed_text}"]
-    if rejections:
-        lines += ["", "Photos we could not use, and why:", *_rejection_lines(rejections)]
-    lines += [
-        "",
-        "What to do next: upload 10-15 new photos of the same person (only that person, face clearly"
-        " visible, sharp, well lit, different angles and backgrounds) into a new batch folder,"
-        f" uploads/{user_id}/<new batch id>/. Training starts by itself once the upload is complete.",
-    ]
-    subject = "Your avatar photos need another try"
-    return {"event": MODEL_REJECTED, "subject": subject, "message": "\n".join(lines)}
+        lines = [
+            f"We could not train your avatar model from batch {batch_id}: too few of its photos were usable.",
+            "",
+            f"Usable photos: {accepted}{needed_text}",
+        ]
+        if rejections:
+            lines += ["", "Photos we could not use, and why:", *_rejection_lines(rejections)]
+        next_step = (
+            "What to do next: make a new batch of 10-15 photos of the same person"
+            + (", starting with the good photos listed above" if kept else "")
+            + ". Only that person, the whole face in the picture with some space around it, sharp,"
+            " well lit, from different angles and in different places. " + _upload_again(user_id)
+        )
+    if kept:
+        lines += ["", "These photos were good; keep them for your next batch:",
+                  *_listed([f"  - {name}" for name in kept], len(kept))]
+    lines += _ignored_lines(dataset)
+    request_lines = _request_lines(dataset)
+    if request_lines:
+        lines += ["", *request_lines]
+    lines += ["", next_step]
+    return {"event": MODEL_REJECTED, "subject": _subject(subject), "message": "\n".join(lines)}
 
 
-def _cause_summary(cause: object) -> str:
-    """Error causes are often JSON (Lambda errors, DescribeTrainingJob): show the readable part."""
-    text = str(cause or "")
+def failure_kind(error: dict | None) -> str:
+    """TRAINING_FAILED, TIMED_OUT or INTERNAL_ERROR for the error the workflow caught.
+
+    The training job failing arrives as the local stand-in's `TrainingJobFailed`, or on AWS
+    as the .sync integration's failure whose cause is the DescribeTrainingJob document
+    (TrainingJobStatus Failed, or Stopped at the stopping condition). `States.Timeout` is a
+    task past its TimeoutSeconds. Everything else (a function, table or topic failing, a
+    refused request) is ours."""
+    error = error or {}
+    name = str(error.get("Error") or "")
+    cause = str(error.get("Cause") or "")
     try:
-        parsed = json.loads(text)
+        parsed = json.loads(cause)
     except ValueError:
         parsed = None
-    if isinstance(parsed, dict):
-        text = str(parsed.get("errorMessage") or parsed.get("FailureReason") or parsed.get("message") or text)
-    return text if len(text) <= _MAX_CAUSE else text[:_MAX_CAUSE] + "..."
+    job_status = parsed.get("TrainingJobStatus") if isinstance(parsed, dict) else None
+    if name == "States.Timeout" or _CAPACITY_WAIT_MARK in cause:
+        return TIMED_OUT
+    if (name == "TrainingJobFailed" or job_status in ("Failed", "Stopped")) and any(
+        mark in cause for mark in _RUNTIME_LIMIT_MARKS
+    ):
+        return TIMED_OUT
+    if name == "TrainingJobFailed" or job_status in ("Failed", "Stopped"):
+        return TRAINING_FAILED
+    return INTERNAL_ERROR
 
 
 def failed(user_id: str, batch_id: str, error: dict | None) -> dict:
-    error = error or {}
+    """MODEL_FAILED, worded per failure_kind. The error's name and cause are not shown."""
+    kind = failure_kind(error)
+    if kind == TRAINING_FAILED:
+        what = [
+            f"Training your avatar model from batch {batch_id} stopped with an error, so no model was made.",
+            "Your photos had passed our checks; the problem came up while training.",
+        ]
+    elif kind == TIMED_OUT:
+        cause = str((error or {}).get("Cause") or "")
+        what = [f"Work on batch {batch_id} did not finish in the time allowed, so it was stopped and no"
+                " model was made."]
+        if _CAPACITY_WAIT_MARK in cause:
+            what.append("No training machine became free in time.")
+        elif any(mark in cause for mark in _RUNTIME_LIMIT_MARKS):
+            what.append("Your photos had passed our checks; training itself ran too long.")
+    else:
+        what = [
+            f"Something went wrong on our side while we were working on batch {batch_id},"
+            " so no model was made.",
+        ]
     lines = [
-        "Training your avatar model failed. No model was registered for this upload.",
+        *what,
         "",
-        f"Upload batch: {batch_id}",
-        f"Error: {error.get('Error') or 'unknown'}",
+        "What to do next: you can try again with the same photos. " + _upload_again(user_id),
+        f"If it fails again, contact support and mention batch {batch_id}.",
     ]
-    cause = _cause_summary(error.get("Cause"))
-    if cause:
-        lines.append(f"Details: {cause}")
-    lines += [
-        "",
-        "What to do next: this is usually temporary. Upload the same photos again into a new batch"
-        f" folder, uploads/{user_id}/<new batch id>/, to retry. If it fails again, contact support"
-        " with the batch id above.",
-    ]
-    subject = "Your avatar model could not be trained"
+    subject = _subject(f"Your avatar model failed: batch {batch_id}")
     return {"event": MODEL_FAILED, "subject": subject, "message": "\n".join(lines)}

@@ -1,13 +1,17 @@
-"""functions/api on hostile bodies, run as Lambda runs it (the `stack` fixture): the caller is
-checked before the body is read, the body is bounded (size, JSON depth, UTF-8) before pydantic
-sees it, validation errors are capped, and every number is strict. Each case used to end in
-a 500 (RecursionError, UnicodeDecodeError), a 13 MB error list, or a coerced value."""
+"""functions/api on hostile bodies, run as Lambda runs it on the template's stack (one per
+module, tests/unit_stack.py): the caller is checked before the body is read, the body is
+bounded (size, JSON depth, UTF-8) before pydantic sees it, validation errors are capped, and
+every number is strict. Each case used to end in a 500 (RecursionError, UnicodeDecodeError),
+a 13 MB error list, or a coerced value."""
 
 import base64
 import json
 
 import pytest
+import unit_stack
 from apitools import body_of, http_event
+
+module_stack, stack = unit_stack.module_stack, unit_stack.stack  # one stack per module, emptied per test
 
 MAX_DEPTH = 32
 MAX_BODY = 64 * 1024

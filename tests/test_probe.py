@@ -29,7 +29,10 @@ GENERATE = {"prompt": "portrait of sks person", "num_images": 1, "width": 64, "h
 
 @pytest.fixture(scope="module")
 def rt(tmp_path_factory):
-    with LocalRuntime(Settings(out_dir=tmp_path_factory.mktemp("probe") / "out", users=(USER,))) as runtime:
+    # A stack name of its own: moto's state outlives a LocalRuntime in this process, so another
+    # e2e test's stack of the default name may still be there.
+    settings = Settings(out_dir=tmp_path_factory.mktemp("probe") / "out", users=(USER,), stack_name="probe")
+    with LocalRuntime(settings) as runtime:
         runtime.api.read_timeout_s = READ_TIMEOUT_S
         yield runtime
 

@@ -1,40 +1,41 @@
-"""preprocess_image handler against moto S3: crops land at the design.md keys, bad photos
-are normal results, infrastructure errors raise."""
+"""preprocess_image handler against template.yaml's bucket in moto, run as Lambda runs it and as
+its own role (tests/unit_stack.py): crops land at the design.md keys, bad photos are normal
+results, infrastructure errors raise."""
 
 import io
 import json
 
 import boto3
 import pytest
+import unit_stack
 from botocore.exceptions import ClientError
-from moto import mock_aws
 from PIL import Image
 
 from avatarflow import faces, keys
 from avatarflow import sample_photos as S
+from avatarflow_local.lambda_hook import _Response
 
-BUCKET = "avatarflow-test"
+module_stack, stack = unit_stack.module_stack, unit_stack.stack  # one stack per module, emptied per test
 USER, BATCH = "user-1", "batch_01"
+ROLE = "avatarflow-local-PreprocessImageFunctionRole"  # the role SAM generates, in the local stack
 
 
 @pytest.fixture
-def s3(monkeypatch):
-    monkeypatch.setenv("BUCKET_NAME", BUCKET)
-    with mock_aws():
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=BUCKET)
-        yield client
+def s3(stack):
+    """The operator's S3 client, bound to the stack's bucket (s3.bucket)."""
+    client = boto3.client("s3")
+    client.bucket = stack.resources.bucket
+    return client
 
 
 @pytest.fixture
-def preprocess(handler_of, lambda_context):
-    fn = handler_of("preprocess_image")
-    return lambda event: fn(event, lambda_context)
+def preprocess(stack):
+    return lambda event: stack.call("preprocess_image", event)
 
 
 def upload(s3, name: str, data: bytes) -> str:
     key = f"uploads/{USER}/{BATCH}/{name}"
-    s3.put_object(Bucket=BUCKET, Key=key, Body=data)
+    s3.put_object(Bucket=s3.bucket, Key=key, Body=data)
     return key
 
 
@@ -44,7 +45,7 @@ def test_good_photo_gives_a_png_crop_at_the_dataset_key(s3, preprocess):
     assert result["accepted"] is True and result["reason"] is None and result["message"] is None
     assert result["name"] == "me.jpg" and result["key"] == key
     assert result["crop_key"] == keys.crop_key(USER, BATCH, 4) == f"datasets/{USER}/{BATCH}/images/004.png"
-    crop = Image.open(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=result["crop_key"])["Body"].read()))
+    crop = Image.open(io.BytesIO(s3.get_object(Bucket=s3.bucket, Key=result["crop_key"])["Body"].read()))
     assert crop.format == "PNG" and crop.size == (512, 512)
     face = result["face"]
     assert len(face["embedding"]) == 128 and face["score"] > 0.9 and len(face["box"]) == 4
@@ -55,7 +56,7 @@ def test_good_photo_gives_a_png_crop_at_the_dataset_key(s3, preprocess):
 def test_resolution_from_the_event(s3, preprocess):
     key = upload(s3, "big.jpg", S.phone_photo("grace_hopper", size=(2400, 1800), orientation=1))
     result = preprocess({"key": key, "index": 0, "resolution": 1024})
-    crop = Image.open(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=result["crop_key"])["Body"].read()))
+    crop = Image.open(io.BytesIO(s3.get_object(Bucket=s3.bucket, Key=result["crop_key"])["Body"].read()))
     assert crop.size == (1024, 1024)
 
 
@@ -84,7 +85,7 @@ def test_bad_photos_are_results_not_errors_and_never_stop_the_others(s3, preproc
     for r in results:
         if not r["accepted"]:
             assert r["crop_key"] is None and r["message"] == faces.REASON_MESSAGES[r["reason"]]
-    listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"datasets/{USER}/{BATCH}/images/")["Contents"]
+    listed = s3.list_objects_v2(Bucket=s3.bucket, Prefix=f"datasets/{USER}/{BATCH}/images/")["Contents"]
     assert sorted(o["Key"] for o in listed) == [keys.crop_key(USER, BATCH, 0), keys.crop_key(USER, BATCH, 11)]
     # Rejections after detection still report the face box for the manifest.
     by_name = {r["name"]: r for r in results}
@@ -92,12 +93,13 @@ def test_bad_photos_are_results_not_errors_and_never_stop_the_others(s3, preproc
     assert by_name["cat.png"]["face"] is None
 
 
-def test_object_over_the_byte_limit_is_not_downloaded(s3, preprocess, monkeypatch):
+def test_object_over_the_byte_limit_is_not_downloaded(s3, preprocess, stack, monkeypatch):
     key = upload(s3, "huge.jpg", S.oversized(faces.DEFAULT_SETTINGS.max_bytes))
-    mod = __import__("avatarflow_fn_preprocess_image")
-    monkeypatch.setattr(mod.faces, "analyze_photo", lambda *a, **k: pytest.fail("must not analyze"))
+    monkeypatch.setattr(faces, "analyze_photo", lambda *a, **k: pytest.fail("must not analyze"))
     result = preprocess({"key": key, "index": 0})
     assert result["accepted"] is False and result["reason"] == "too_large"
+    # One s3:GetObject authorization, the HEAD's: the GET was never made.
+    assert stack.enforcer.allowed[(ROLE, "s3:GetObject")] == 1
 
 
 @pytest.mark.parametrize(
@@ -116,7 +118,7 @@ def test_invalid_keys_are_rejected_without_reading_s3(s3, preprocess, key):
     result = preprocess({"key": key, "index": 0})
     assert result["accepted"] is False and result["reason"] == "invalid_key"
     assert result["message"] == faces.REASON_MESSAGES["invalid_key"]
-    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET)
+    assert "Contents" not in s3.list_objects_v2(Bucket=s3.bucket)
 
 
 def test_request_json_is_skipped(s3, preprocess):
@@ -125,15 +127,29 @@ def test_request_json_is_skipped(s3, preprocess):
     assert result["skipped"] is True and result["accepted"] is False and result["reason"] is None
 
 
-def test_photo_deleted_since_listing_is_a_rejection(s3, preprocess):
-    result = preprocess({"key": f"uploads/{USER}/{BATCH}/gone.jpg", "index": 0})
+def test_photo_deleted_since_listing_is_a_rejection(s3, preprocess, stack):
+    key = f"uploads/{USER}/{BATCH}/gone.jpg"
+    result = preprocess({"key": key, "index": 0})
     assert result["accepted"] is False and result["reason"] == "photo_deleted"
+    # The role may not list the bucket, so S3 answered the missing key with 403, not 404.
+    assert [k for _, k in stack.enforcer.masked] == [key]
 
 
-def test_s3_outage_raises_so_step_functions_retries(preprocess, monkeypatch):
-    monkeypatch.setenv("BUCKET_NAME", "no-such-bucket")
-    with mock_aws(), pytest.raises(ClientError):
-        preprocess({"key": f"uploads/{USER}/{BATCH}/a.jpg", "index": 0})
+def test_s3_outage_raises_so_step_functions_retries(s3, preprocess):
+    key = upload(s3, "a.jpg", S.photo_bytes("grace_hopper"))
+
+    def slow_down(**_kwargs):
+        error = {"Code": "SlowDown", "Message": "Please reduce your request rate."}
+        return _Response(503, {}), {"Error": error, "ResponseMetadata": {"HTTPStatusCode": 503}}
+
+    # S3 unavailable for the handler's client (it makes one per call, from the default session).
+    events = boto3.DEFAULT_SESSION.events
+    events.register("before-call.s3.HeadObject", slow_down, unique_id="tests-s3-outage")
+    try:
+        with pytest.raises(ClientError, match="SlowDown"):
+            preprocess({"key": key, "index": 0})
+    finally:
+        events.unregister("before-call.s3.HeadObject", unique_id="tests-s3-outage")
 
 
 @pytest.mark.parametrize(
@@ -154,6 +170,6 @@ def test_sample_event_runs(s3, preprocess):
     from avatarflow_local.functions import REPO_ROOT
 
     event = json.loads((REPO_ROOT / "events" / "preprocess_image.json").read_text())
-    s3.put_object(Bucket=BUCKET, Key=event["key"], Body=S.photo_bytes("grace_hopper"))
+    s3.put_object(Bucket=s3.bucket, Key=event["key"], Body=S.photo_bytes("grace_hopper"))
     result = preprocess(event)
     assert result["accepted"] is True and result["crop_key"].endswith("/images/000.png")

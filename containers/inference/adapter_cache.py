@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -50,7 +51,8 @@ class Adapter:
     config: dict[str, Any]
     disk_bytes: int
     nbytes: int = 0
-    rank: int = 0
+    rank: int = 0  # the largest LoRA rank in the file (UNet and text encoders)
+    unet_rank: int = 0  # the largest UNet LoRA rank: what must fit the engine's slot
     has_text_encoder: bool = False
     # Set by the engine after the first diffusers hotswap of this adapter: the exact in-place
     # copies that swap made, replayed on later switches (lives and dies with this entry).
@@ -82,6 +84,25 @@ class CacheStats:
     memory_evictions: int = 0
     disk_evictions: int = 0
     extra: dict[str, int] = field(default_factory=dict)
+
+
+# The "down" (A) matrix of a LoRA pair in every key layout diffusers' lora_state_dict returns:
+# peft (lora_A), diffusers (lora.down), old attention processors (lora_linear_layer.down) and
+# kohya (lora_down). Its first dimension is the rank, for Linear and Conv2d alike.
+_DOWN_KEY = re.compile(r"(?:\.lora_A\.|\.lora\.down\.|\.lora_linear_layer\.down\.|\.lora_down\.)")
+
+
+def lora_rank(state_dict: dict[str, Any], prefix: str = "") -> int:
+    """The largest LoRA rank among the keys under `prefix`, read from the tensor shapes (the
+    truth the slot has to hold). The first version looked for "lora_B" keys, which
+    lora_state_dict never returns for a diffusers-format file, so every adapter reported
+    rank 0 and a rank above the slot was hot-swapped into it."""
+    ranks = [
+        int(v.shape[0])
+        for k, v in state_dict.items()
+        if k.startswith(prefix) and _DOWN_KEY.search(k) and getattr(v, "ndim", 0) >= 2
+    ]
+    return max(ranks, default=0)
 
 
 def parse_adapter(path: Path) -> tuple[dict, dict | None, dict | None]:
@@ -207,7 +228,6 @@ class AdapterCache:
         unet_keys = [k for k in state_dict if k.startswith("unet.")]
         if not unet_keys:
             raise AdapterInvalid("adapter has no UNet LoRA weights")
-        ranks = [v.shape[1] for k, v in state_dict.items() if "lora_B" in k and v.ndim > 1]
         return Adapter(
             user_id=key[0],
             version=key[1],
@@ -217,7 +237,8 @@ class AdapterCache:
             config=config,
             disk_bytes=self.disk.get(key, 0),
             nbytes=sum(v.numel() * v.element_size() for v in state_dict.values()),
-            rank=max(ranks, default=0),
+            rank=lora_rank(state_dict),
+            unet_rank=lora_rank(state_dict, prefix="unet."),
             has_text_encoder=any(not k.startswith("unet.") for k in state_dict),
         )
 

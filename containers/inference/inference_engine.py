@@ -16,6 +16,7 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,6 +282,7 @@ class Engine:
         s3 = boto3.client("s3")
         base = Path(os.environ.get("AVATARFLOW_BASE_MODEL", "/opt/ml/model"))
         if os.environ.get("AVATARFLOW_BASE_MODEL_S3"):
+        self.slot_rank = 0  # the rank the resident slot's tensors hold (padded), measured
             base = fetch_s3_prefix(s3, os.environ["AVATARFLOW_BASE_MODEL_S3"], Path("/tmp/avatarflow-base"))  # noqa: S108
         device, _ = pick_device_dtype()
         pipe = load_base_pipeline(base, device)
@@ -317,7 +319,7 @@ class Engine:
         mode = "hotswap" if self.slot_ready else "load"
         if self._replay(adapter):
             mode = "replay"
-        elif self.slot_ready and adapter.rank <= self.target_rank:
+        elif self.slot_ready and adapter.unet_rank <= self.slot_rank:
             try:
                 self._load_unet(adapter, hotswap=True)
                 adapter.swap_plan = self._plan(adapter)
@@ -328,7 +330,10 @@ class Engine:
                 )
                 mode = "rebuild"
         elif self.slot_ready:
-            mode = "rebuild"  # rank above the slot's padded rank
+            # Rank above the slot's padded rank. Never hand it to diffusers' hotswap: peft then
+            # swaps the slot's tensors with the adapter's own (torch.utils.swap_tensors), so the
+            # cached adapter ends up holding the previous user's weights.
+            mode = "rebuild"
         if mode in ("load", "rebuild"):
             self._rebuild(adapter)
             adapter.swap_plan = self._plan(adapter)
@@ -365,18 +370,20 @@ class Engine:
                 or value.shape[2:] != slot.shape[2:]
             ):
                 return None
-            copies.append((slot, value))
+            copies.append((weakref.ref(slot), value))
         scalings = []
         for module in unet.modules():
             if isinstance(module, LoraLayer) and UNET_SLOT in module.scaling:
                 if getattr(module.get_base_layer(), "groups", 1) > 1:
                     return None
                 value = module.scaling[UNET_SLOT]
-                scalings.append((module, float(value)))
+                scalings.append((weakref.ref(module), float(value)))
+        # Weak references to the slot side: a plan kept by a cached adapter must never keep a
+        # rebuilt slot's tensors (GPU memory) alive; a dead reference just voids the plan.
         return {
             "generation": self.slot_generation,
             "copies": copies,
-            "zero": list(slots.values()),
+            "zero": [weakref.ref(t) for t in slots.values()],
             "scalings": scalings,
         }
 
@@ -387,13 +394,13 @@ class Engine:
         if not self.slot_ready or plan is None or plan["generation"] != self.slot_generation:
             return False
         with torch.no_grad():
-            for tensor in plan["zero"]:  # modules this adapter does not target
+            for tensor in zero:  # modules this adapter does not target
                 tensor.zero_()
-            for slot, value in plan["copies"]:
+            for slot, value in copies:
                 if slot.shape != value.shape:  # lower rank than the slot: zero padding
                     slot.zero_()
                 slot[tuple(slice(0, n) for n in value.shape)].copy_(value)
-            for module, scale in plan["scalings"]:
+            for module, scale in scalings:
                 current = module.scaling[UNET_SLOT]
                 if isinstance(current, torch.Tensor):
                     current.fill_(scale)  # same tensor object: a compiled graph stays valid
@@ -404,11 +411,18 @@ class Engine:
     def _unet(self):
         unet = self.pipe.unet
         return getattr(unet, "_orig_mod", unet)
+        zero = [ref() for ref in plan["zero"]]
+        copies = [(ref(), value) for ref, value in plan["copies"]]
+        scalings = [(ref(), scale) for ref, scale in plan["scalings"]]
+        if any(t is None for t in zero) or any(t is None for t, _ in copies + scalings):
+            adapter.swap_plan = None  # made for a slot that no longer exists
+            return False
 
     def _load_unet(self, adapter: Adapter, hotswap: bool) -> None:
-        state = adapter.state_dict if hotswap else {k: v.clone() for k, v in adapter.state_dict.items()}
-        # Cloned on a fresh load: the injected parameters must never alias the cached tensors,
-        # or the next in-place hotswap would overwrite this user's cached adapter.
+        # Always copies: whatever diffusers/peft do with the tensors they are given (inject them
+        # as parameters on a load, swap_tensors them on a hotswap that grows a rank), the
+        # cached adapter's own tensors must never become, or be swapped with, the slot's.
+        state = {k: v.clone() for k, v in adapter.state_dict.items() if k.startswith("unet.")}
         type(self.pipe).load_lora_into_unet(
             state,
             network_alphas=adapter.network_alphas,
@@ -423,13 +437,19 @@ class Engine:
         """Fresh slot sized for this adapter. Never reloads the base weights; on a compiled
         UNet it costs one recompile, which is why it only happens when hotswap cannot."""
         if self.compile_unet and hasattr(self.pipe.unet, "_orig_mod"):
+    def _slot_rank(self) -> int:
+        """The rank the slot's tensors hold now (padded to the target rank by diffusers)."""
+        marker = f".lora_A.{UNET_SLOT}."
+        ranks = [p.shape[0] for name, p in self._unet().named_parameters() if marker in name]
+        return max(ranks, default=0)
+
             self.pipe.unet = self.pipe.unet._orig_mod
         if getattr(self._unet(), "peft_config", None):
             self.pipe.unload_lora_weights()
         self.slot_ready = False
         self.slot_generation += 1
         self.te_loaded = False
-        self.target_rank = max(self.target_rank, adapter.rank)
+        self.target_rank = max(self.target_rank, adapter.unet_rank)
         self.pipe.enable_lora_hotswap(target_rank=self.target_rank)
         try:
             self._load_unet(adapter, hotswap=False)
@@ -442,9 +462,14 @@ class Engine:
             import torch
 
             self.pipe.unet = torch.compile(
+        # Plans recorded against the old slot die with it (they only hold weak references to
+        # it anyway); dropping them here also frees their bookkeeping at once.
+        for cached in list(self.cache.memory.values()):
+            cached.swap_plan = None
                 self.pipe.unet, mode=os.environ.get("AVATARFLOW_COMPILE_MODE") or None
             )
 
+        self.slot_rank = 0
     def _load_text_encoders(self, adapter: Adapter) -> None:
         from diffusers.utils.peft_utils import delete_adapter_layers
 
@@ -456,6 +481,7 @@ class Engine:
             self.te_loaded = False
         if not adapter.has_text_encoder:
             return
+        self.slot_rank = self._slot_rank()
         for name in names:
             part = {k: v.clone() for k, v in adapter.state_dict.items() if k.startswith(f"{name}.")}
             if not part:

@@ -265,6 +265,7 @@ class Engine:
         self.compile_unet = compile_unet
         self.active: tuple[str, str] | None = None
         self.slot_ready = False
+        self.slot_rank = 0  # the rank the resident slot's tensors hold (padded), measured
         self.te_loaded = False
         self.switches = {"resident": 0, "load": 0, "hotswap": 0, "replay": 0, "rebuild": 0}
         self.slot_generation = 0  # bumped when the slot's tensors are re-created
@@ -282,7 +283,6 @@ class Engine:
         s3 = boto3.client("s3")
         base = Path(os.environ.get("AVATARFLOW_BASE_MODEL", "/opt/ml/model"))
         if os.environ.get("AVATARFLOW_BASE_MODEL_S3"):
-        self.slot_rank = 0  # the rank the resident slot's tensors hold (padded), measured
             base = fetch_s3_prefix(s3, os.environ["AVATARFLOW_BASE_MODEL_S3"], Path("/tmp/avatarflow-base"))  # noqa: S108
         device, _ = pick_device_dtype()
         pipe = load_base_pipeline(base, device)
@@ -393,6 +393,12 @@ class Engine:
         plan = adapter.swap_plan
         if not self.slot_ready or plan is None or plan["generation"] != self.slot_generation:
             return False
+        zero = [ref() for ref in plan["zero"]]
+        copies = [(ref(), value) for ref, value in plan["copies"]]
+        scalings = [(ref(), scale) for ref, scale in plan["scalings"]]
+        if any(t is None for t in zero) or any(t is None for t, _ in copies + scalings):
+            adapter.swap_plan = None  # made for a slot that no longer exists
+            return False
         with torch.no_grad():
             for tensor in zero:  # modules this adapter does not target
                 tensor.zero_()
@@ -411,12 +417,12 @@ class Engine:
     def _unet(self):
         unet = self.pipe.unet
         return getattr(unet, "_orig_mod", unet)
-        zero = [ref() for ref in plan["zero"]]
-        copies = [(ref(), value) for ref, value in plan["copies"]]
-        scalings = [(ref(), scale) for ref, scale in plan["scalings"]]
-        if any(t is None for t in zero) or any(t is None for t, _ in copies + scalings):
-            adapter.swap_plan = None  # made for a slot that no longer exists
-            return False
+
+    def _slot_rank(self) -> int:
+        """The rank the slot's tensors hold now (padded to the target rank by diffusers)."""
+        marker = f".lora_A.{UNET_SLOT}."
+        ranks = [p.shape[0] for name, p in self._unet().named_parameters() if marker in name]
+        return max(ranks, default=0)
 
     def _load_unet(self, adapter: Adapter, hotswap: bool) -> None:
         # Always copies: whatever diffusers/peft do with the tensors they are given (inject them
@@ -437,16 +443,15 @@ class Engine:
         """Fresh slot sized for this adapter. Never reloads the base weights; on a compiled
         UNet it costs one recompile, which is why it only happens when hotswap cannot."""
         if self.compile_unet and hasattr(self.pipe.unet, "_orig_mod"):
-    def _slot_rank(self) -> int:
-        """The rank the slot's tensors hold now (padded to the target rank by diffusers)."""
-        marker = f".lora_A.{UNET_SLOT}."
-        ranks = [p.shape[0] for name, p in self._unet().named_parameters() if marker in name]
-        return max(ranks, default=0)
-
             self.pipe.unet = self.pipe.unet._orig_mod
+        # Plans recorded against the old slot die with it (they only hold weak references to
+        # it anyway); dropping them here also frees their bookkeeping at once.
+        for cached in list(self.cache.memory.values()):
+            cached.swap_plan = None
         if getattr(self._unet(), "peft_config", None):
             self.pipe.unload_lora_weights()
         self.slot_ready = False
+        self.slot_rank = 0
         self.slot_generation += 1
         self.te_loaded = False
         self.target_rank = max(self.target_rank, adapter.unet_rank)
@@ -458,18 +463,14 @@ class Engine:
                 self.pipe.unload_lora_weights()
             raise AdapterInvalid(f"adapter does not fit the base model: {str(err)[:200]}") from err
         self.slot_ready = True
+        self.slot_rank = self._slot_rank()
         if self.compile_unet:
             import torch
 
             self.pipe.unet = torch.compile(
-        # Plans recorded against the old slot die with it (they only hold weak references to
-        # it anyway); dropping them here also frees their bookkeeping at once.
-        for cached in list(self.cache.memory.values()):
-            cached.swap_plan = None
                 self.pipe.unet, mode=os.environ.get("AVATARFLOW_COMPILE_MODE") or None
             )
 
-        self.slot_rank = 0
     def _load_text_encoders(self, adapter: Adapter) -> None:
         from diffusers.utils.peft_utils import delete_adapter_layers
 
@@ -481,7 +482,6 @@ class Engine:
             self.te_loaded = False
         if not adapter.has_text_encoder:
             return
-        self.slot_rank = self._slot_rank()
         for name in names:
             part = {k: v.clone() for k, v in adapter.state_dict.items() if k.startswith(f"{name}.")}
             if not part:

@@ -377,6 +377,35 @@ def test_broken_adapter_is_a_clear_error(world):
     )
 
 
+def test_an_erased_user_gets_nothing_generated_or_written(world):
+    """The erasure check (avatarflow.erasure, the engine's `erased`): refused before the
+    pipeline runs, and again right before the first write when the DELETE came during the
+    generation. 410 user_erased, no ids in the body (SageMaker keeps it as the failure
+    object), nothing under generations/."""
+    engine, client, s3 = world["engine"], world["client"], world["s3"]
+    checks = []
+
+    def erased_from_the_second_check(user_id):
+        checks.append(user_id)
+        return len(checks) > 1
+
+    for erased, expected_checks in ((lambda user_id: checks.append(user_id) or True, 1),
+                                    (erased_from_the_second_check, 2)):
+        checks.clear()
+        engine.erased = erased
+        try:
+            resp = client.post("/invocations", data=json.dumps(request(f"erased{expected_checks}", "bob")))
+        finally:
+            engine.erased = None
+        assert resp.status_code == 410
+        assert resp.get_json() == {"error": "user_erased", "message": resp.get_json()["message"]}
+        assert checks == ["bob"] * expected_checks
+        prefix = keys.generation_prefix("bob", f"erased{expected_checks}")
+        assert s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("KeyCount") == 0
+    kept = client.post("/invocations", data=json.dumps(request("kept", "bob", num_images=1)))
+    assert kept.status_code == 200
+
+
 @pytest.mark.parametrize(
     ("patch", "field"),
     [

@@ -29,6 +29,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from avatarflow import keys
+from avatarflow.erasure import UserErased
 from avatarflow.ids import ID_PATTERN
 
 logger = Logger(service="avatarflow-inference")
@@ -241,6 +242,19 @@ def fetch_s3_prefix(s3, uri: str, dest: Path) -> Path:
     return dest
 
 
+def _erasure_check_from_env() -> Callable[[str], bool] | None:
+    """ERASURES_TABLE (the template sets it on the model) -> avatarflow.erasure's check."""
+    name = os.environ.get("ERASURES_TABLE")
+    if not name:
+        logger.warning("ERASURES_TABLE is not set: generations are not checked against erasures")
+        return None
+    import boto3
+
+    from avatarflow import erasure
+
+    return erasure.checker(boto3.resource("dynamodb").Table(name))
+
+
 # --------------------------------------------------------------------------- engine
 class Engine:
     def __init__(
@@ -254,6 +268,7 @@ class Engine:
         safety: SafetyChecker | None = None,
         identity=default_identity,
         compile_unet: bool = False,
+        erased: Callable[[str], bool] | None = None,
     ):
         self.pipe = pipe
         self.cache = cache
@@ -263,6 +278,8 @@ class Engine:
         self.safety = safety or SafetyChecker(None)
         self.identity = identity() if callable(identity) and identity is default_identity else identity
         self.compile_unet = compile_unet
+        # avatarflow.erasure's check (user_id -> marked erased); None: no erasures table configured.
+        self.erased = erased
         self.active: tuple[str, str] | None = None
         self.slot_ready = False
         self.slot_rank = 0  # the rank the resident slot's tensors hold (padded), measured
@@ -305,6 +322,7 @@ class Engine:
             max_rank=int(env("AVATARFLOW_MAX_LORA_RANK", "64")),
             safety=safety_from_env(base, device),
             compile_unet=env("AVATARFLOW_COMPILE", "0") == "1",
+            erased=_erasure_check_from_env(),
         )
 
     # ------------------------------------------------------------------ adapters
@@ -513,9 +531,15 @@ class Engine:
         since = self.busy_since
         return None if since is None else time.monotonic() - since
 
+    def _refuse_erased(self, req: GenerationRequest) -> None:
+        """Nothing is generated or written for a user erased meanwhile (DELETE /users/{id})."""
+        if self.erased is not None and self.erased(req.user_id):
+            raise UserErased("the user's data was deleted; nothing was generated or written")
+
     def _run(self, req: GenerationRequest) -> dict[str, Any]:
         import torch
 
+        self._refuse_erased(req)
         t0 = time.perf_counter()
         adapter, source, fetch_ms = self.cache.get(req.user_id, req.model_version)
         t = time.perf_counter()
@@ -556,6 +580,9 @@ class Engine:
         similarity = self._identity(images, adapter.reference_embedding, safety.flags)
         identity_ms = _ms(t)
 
+        # The generation took seconds to minutes: a DELETE may have come meanwhile. Checked
+        # right before the first write; the erasure's sweep removes any image written after it.
+        self._refuse_erased(req)
         t = time.perf_counter()
         prefix = keys.generation_prefix(req.user_id, req.generation_id)
         entries = []

@@ -13,7 +13,7 @@ import os
 
 from adapter_cache import AdapterInvalid, AdapterNotFound
 from flask import Flask, Response, jsonify, request
-from inference_engine import Engine, RequestInvalid, logger, parse_request
+from inference_engine import Engine, RequestInvalid, UserErased, logger, parse_request
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a few hundred bytes of JSON
 # No real generation (8 images, 80 steps, SDXL) comes near this: past it the GPU or the
@@ -59,6 +59,10 @@ def create_app(engine: Engine | None = None, stuck_after_s: float | None = None)
         except AdapterInvalid as err:
             logger.warning("model unusable", extra={**ids, "reason": str(err)})
             return jsonify(error="model_invalid", message=str(err), **ids), 422
+        except UserErased as err:
+            # No ids in the body: SageMaker keeps it as the failure object of an erased user.
+            logger.info("user erased: nothing generated", extra={"generation_id": req.generation_id})
+            return jsonify(error="user_erased", message=str(err)), 410
         except Exception:
             logger.exception("generation failed", extra=ids)
             return jsonify(

@@ -37,7 +37,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from avatarflow import __version__, keys
+from avatarflow import __version__, erasure, keys
 from avatarflow import generations as gen
 from avatarflow.ids import ID_PATTERN, InvalidIdError, new_id, validate_id
 from avatarflow.workflow import MAX_BATCH_PHOTOS
@@ -119,6 +119,7 @@ def aws() -> SimpleNamespace:
         s3=boto3.client("s3", config=Config(signature_version="s3v4")),
         runtime=boto3.client("sagemaker-runtime"),
         dynamodb=boto3.resource("dynamodb"),
+        sqs=boto3.client("sqs"),
     )
 
 
@@ -351,7 +352,11 @@ def _pick_model(user_id: str, version: str | None) -> dict:
 
 
 def _status_url(user_id: str, generation_id: str) -> str:
-    path = f"/users/{user_id}/generations/{generation_id}"
+    return _absolute_url(f"/users/{user_id}/generations/{generation_id}")
+
+
+def _absolute_url(path: str) -> str:
+    """path on this API as the caller reached it (domain, stage), or path alone without a domain."""
     ctx = app.current_event.raw_event.get("requestContext") or {}
     domain, stage = ctx.get("domainName"), ctx.get("stage")
     if not domain:
@@ -362,36 +367,16 @@ def _status_url(user_id: str, generation_id: str) -> str:
     return f"{scheme}://{domain}{prefix}{path}"
 
 
-def _delete_all_versions(bucket: str, prefix: str, exact_key: str | None = None) -> int:
-    """Delete every version and delete marker under prefix (the bucket is versioned, so a
-    plain delete would only hide the data). Returns how many were removed."""
-    s3 = aws().s3
-    removed = 0
-    for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
-        victims = [
-            {"Key": v["Key"], "VersionId": v["VersionId"]}
-            for v in page.get("Versions", []) + page.get("DeleteMarkers", [])
-            if exact_key is None or v["Key"] == exact_key
-        ]
-        for i in range(0, len(victims), 1000):
-            answer = s3.delete_objects(
-                Bucket=bucket, Delete={"Objects": victims[i : i + 1000], "Quiet": True}
-            )
-            if answer.get("Errors"):
-                raise RuntimeError(f"S3 refused to delete {len(answer['Errors'])} object versions")
-            removed += len(victims[i : i + 1000])
-    return removed
+def _erasures_table():
+    return aws().dynamodb.Table(_env("ERASURES_TABLE"))
 
 
-def _owned_async_key(bucket: str, location: object) -> str | None:
-    """The key of an async output/failure object in our bucket, else None."""
-    try:
-        loc_bucket, key = gen.parse_s3_uri(location)
-    except ValueError:
-        return None
-    if loc_bucket != bucket or not key.startswith((keys.ASYNC_OUTPUT, keys.ASYNC_FAILURES)):
-        return None
-    return key
+def _refuse_if_erased(user_id: str) -> None:
+    """410 for a user marked erased: nothing new is written for them until the mark expires
+    (see avatarflow.erasure), so the sweep never chases fresh uploads or generations."""
+    if erasure.is_erased(_erasures_table(), user_id):
+        raise ServiceError(410, "this user's data was deleted (DELETE /users/{user_id}); nothing new is "
+                                "accepted for this user id")
 
 
 def _image_view(item: dict, user_id: str, generation_id: str, ttl: int) -> dict | None:
@@ -415,10 +400,15 @@ def _image_view(item: dict, user_id: str, generation_id: str, ttl: int) -> dict 
 @app.post(
     "/users/<user_id>/uploads",
     summary="Presigned POST forms for the photos of a new batch",
-    responses={200: {"description": "batch_id and one form per file"}, 400: {"description": "bad body"}},
+    responses={
+        200: {"description": "batch_id and one form per file"},
+        400: {"description": "bad body"},
+        410: {"description": "the user was erased (DELETE /users/{user_id})"},
+    },
 )
 @tracer.capture_method
 def create_upload(user_id: str, body: Annotated[UploadBody, Body()]):
+    _refuse_if_erased(user_id)
     batch_id = new_id()
     prefix = keys.upload_prefix(user_id, batch_id)
     ttl = _int_env("UPLOAD_URL_TTL_SECONDS", 900)
@@ -480,11 +470,13 @@ def list_models(user_id: str):
         400: {"description": "bad body (field reasons)"},
         404: {"description": "model_version not found"},
         409: {"description": "model not READY / no READY model"},
+        410: {"description": "the user was erased (DELETE /users/{user_id})"},
         503: {"description": "endpoint refused the request"},
     },
 )
 @tracer.capture_method
 def create_generation(user_id: str, body: Annotated[GenerationBody, Body()]):
+    _refuse_if_erased(user_id)
     model = _pick_model(user_id, body.model_version)
     generation_id = new_id()
     logger.append_keys(generation_id=generation_id)
@@ -603,46 +595,53 @@ def get_generation(user_id: str, generation_id: str):
 
 @app.delete(
     "/users/<user_id>",
-    summary="Delete every object and row of the user (idempotent)",
-    responses={204: {"description": "deleted (or nothing to delete)"}},
+    summary="Erase every object, row and email subscription of the user (idempotent)",
+    description=(
+        "Marks the user erased, then deletes in the background and sweeps again until work that was "
+        "in flight (a generation, a training run) has drained. 202 with status_url (also in Location) "
+        "while that runs; 204 once it is done. Until the erasure's tombstone expires (a day after it "
+        "is done), uploads and generations for this user id answer 410."
+    ),
+    responses={
+        202: {"description": "erasure under way: status_url"},
+        204: {"description": "erased already; nothing pending"},
+    },
 )
 @tracer.capture_method
 def delete_user(user_id: str):
-    bucket = _env("BUCKET_NAME")
-    removed = 0
-    for prefix in keys.USER_PREFIXES:
-        removed += _delete_all_versions(bucket, keys.user_prefix(prefix, user_id))
-    generations = _generations_table()
-    rows = _query_all(
-        generations,
-        IndexName=gen.USER_INDEX,
-        KeyConditionExpression=Key("user_id").eq(user_id),
+    timing = erasure.Timing.from_env(os.environ)
+    outcome, mark = erasure.request(_erasures_table(), user_id, timing)
+    if outcome == "done":
+        return Response(status_code=204)
+    # Every DELETE sends a pass at once: it starts the erasure, or restarts a chain of passes
+    # that stopped (the erase_user function keeps one chain however many passes arrive).
+    aws().sqs.send_message(QueueUrl=_env("ERASURE_QUEUE_URL"), MessageBody=json.dumps({"user_id": user_id}))
+    logger.info("erasure requested", extra={"outcome": outcome})
+    if outcome == "started":
+        metrics.add_metric(name="ErasuresRequested", unit=MetricUnit.Count, value=1)
+    status_url = _absolute_url(f"/users/{user_id}/deletion")
+    return Response(
+        status_code=202,
+        content_type=content_types.APPLICATION_JSON,
+        body={**erasure.view(user_id, mark), "status_url": status_url},
+        headers={"Location": status_url},
     )
-    for row in rows:
-        generation_id = row["generation_id"]
-        request_key = keys.request_key(generation_id)
-        removed += _delete_all_versions(bucket, request_key, exact_key=request_key)
-        for location in (row.get("output_location"), row.get("failure_location")):
-            key = _owned_async_key(bucket, location)
-            if key:
-                removed += _delete_all_versions(bucket, key, exact_key=key)
-        # The row goes last: it is how a retried DELETE finds the objects above.
-        generations.delete_item(Key={"generation_id": generation_id})
-    registry = _models_table()
-    models = _query_all(registry, KeyConditionExpression=Key("user_id").eq(user_id))
-    # training/<job>/ holds a copy of the adapter and the checkpoints; the row names the job.
-    for row in models:
-        if row.get("training_job"):
-            removed += _delete_all_versions(bucket, keys.training_prefix(row["training_job"]))
-    with registry.batch_writer() as batch:
-        for row in models:
-            batch.delete_item(Key={"user_id": user_id, "version": row["version"]})
-    logger.info(
-        "user deleted",
-        extra={"object_versions": removed, "generations": len(rows), "models": len(models)},
-    )
-    metrics.add_metric(name="UsersDeleted", unit=MetricUnit.Count, value=1)
-    return Response(status_code=204)
+
+
+@app.get(
+    "/users/<user_id>/deletion",
+    summary="Progress of the user's erasure",
+    responses={
+        200: {"description": "PENDING (with what is still in flight) or DONE"},
+        404: {"description": "no erasure was requested for this user (or its tombstone expired)"},
+    },
+)
+@tracer.capture_method
+def get_deletion(user_id: str):
+    mark = erasure.get_mark(_erasures_table(), user_id)
+    if mark is None:
+        raise NotFoundError("no erasure was requested for this user")
+    return erasure.view(user_id, mark)
 
 
 # --------------------------------------------------------------------------- entry points

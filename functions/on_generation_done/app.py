@@ -3,7 +3,9 @@
 The success notice points at the async output object (the inference container's
 result.json content); the error notice carries failureReason. Notices may come twice
 (SNS is at-least-once) or for ids we never issued: both are logged and counted, never an
-error. A generation leaves PENDING once; later notices do not change it."""
+error. A generation leaves PENDING once; later notices do not change it. A notice for a user
+erased meanwhile (avatarflow.erasure) is dropped: the row is left as it is for the erasure's
+sweep, which deletes it with the objects it names."""
 
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.data_classes import SNSEvent, event_source
 from botocore.exceptions import ClientError
 
+from avatarflow import erasure, keys
 from avatarflow import generations as gen
-from avatarflow import keys
 from avatarflow.ids import InvalidIdError, validate_id
 
 logger = Logger(service="on_generation_done")
@@ -32,6 +34,10 @@ MAX_OUTPUT_BYTES = 1024 * 1024
 @cache
 def aws() -> SimpleNamespace:
     return SimpleNamespace(s3=boto3.client("s3"), dynamodb=boto3.resource("dynamodb"))
+
+
+def _erased(user_id: str) -> bool:
+    return erasure.is_erased(aws().dynamodb.Table(os.environ["ERASURES_TABLE"]), user_id)
 
 
 def _table():
@@ -136,6 +142,10 @@ def handle_notice(message: dict) -> str:
         logger.info("generation already final; duplicate notice ignored", extra={"status": row.get("status")})
         metrics.add_metric(name="NoticesDuplicate", unit=MetricUnit.Count, value=1)
         return "duplicate"
+    if _erased(row["user_id"]):
+        logger.info("user erased: notice dropped")
+        metrics.add_metric(name="NoticesForErasedUsers", unit=MetricUnit.Count, value=1)
+        return "erased"
 
     now = gen.utc_now()
     if notice.completed:

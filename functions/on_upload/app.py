@@ -5,7 +5,10 @@ messages and photos arriving one by one never start a second run: ExecutionAlrea
 means "already running or done" and counts as success. A request.json with an email
 subscribes that address to the topic, filtered to this user's messages. Records that can
 never succeed (test events, keys outside the layout, bad request.json) are logged and
-dropped; only infrastructure errors fail a record, so SQS retries it (partial batch response)."""
+dropped; only infrastructure errors fail a record, so SQS retries it (partial batch response).
+Uploads of a user marked erased (avatarflow.erasure: DELETE /users/{user_id}, until the mark
+expires) start nothing and subscribe nothing; the erasure's sweep deletes the objects (upload
+forms signed before the DELETE expire before the erasure can end)."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from botocore.exceptions import ClientError
 
-from avatarflow import keys
+from avatarflow import erasure, keys
 from avatarflow.workflow import execution_input, execution_name
 
 logger = Logger()
@@ -34,6 +37,14 @@ MAX_REQUEST_BYTES = 16 * 1024
 # Per invocation: the (user, batch) groups already handled, so a batch of records for one
 # upload batch costs one StartExecution.
 _started: dict[tuple[str, str], str] = {}
+_erased: dict[str, bool] = {}  # per invocation: user_id -> marked erased
+
+
+def _is_erased(user_id: str) -> bool:
+    if user_id not in _erased:
+        table = boto3.resource("dynamodb").Table(os.environ["ERASURES_TABLE"])
+        _erased[user_id] = erasure.is_erased(table, user_id)
+    return _erased[user_id]
 
 
 def _uploads_of(record: SQSRecord) -> list[tuple[str, keys.UploadKey]]:
@@ -128,6 +139,10 @@ def record_handler(record: SQSRecord) -> None:
         if bucket != os.environ["BUCKET_NAME"]:
             logger.warning("event from another bucket: ignored")
             continue
+        if _is_erased(upload.user_id):
+            logger.info("upload by an erased user: nothing started")
+            metrics.add_metric(name="UploadsOfErasedUsers", unit=MetricUnit.Count, value=1)
+            continue
         if upload.is_request:
             _subscribe_from_request(bucket, upload)
         _start(upload.user_id, upload.batch_id)
@@ -138,5 +153,6 @@ def record_handler(record: SQSRecord) -> None:
 @metrics.log_metrics
 def handler(event: dict, context) -> dict:
     _started.clear()
+    _erased.clear()
     return process_partial_response(event=event, record_handler=record_handler, processor=processor,
                                     context=context)

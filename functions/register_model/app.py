@@ -3,7 +3,12 @@
 Input (from the state machine): {user_id, batch_id, version, model_artifacts (s3://.../model.tar.gz),
 training_job, execution_arn, dataset}. The copy comes first and the conditional write last, so
 a row is READY only when its files exist. Running it again for the same training job is a
-no-op; a READY version is never overwritten by another job."""
+no-op; a READY version is never overwritten by another job.
+
+A user erased while the run was in flight (avatarflow.erasure) gets nothing: no models/
+objects, no READY row, and {"erased": true} tells the state machine to end without the
+MODEL_READY email. The mark is checked first and again after the writes, so a DELETE that
+lands meanwhile still stops the email; the erasure's sweep removes what was written."""
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import ClientError
 
-from avatarflow import keys, notifications
+from avatarflow import erasure, keys, notifications
 from avatarflow.ids import validate_id
 from avatarflow.workflow import READY
 
@@ -42,6 +47,18 @@ class VersionConflictError(RuntimeError):
 
 def _clients():
     return boto3.client("s3"), boto3.resource("dynamodb").Table(os.environ["MODELS_TABLE"])
+
+
+def _erased(user_id: str) -> bool:
+    return erasure.is_erased(boto3.resource("dynamodb").Table(os.environ["ERASURES_TABLE"]), user_id)
+
+
+def _erased_result(user_id: str, version: str, prefix: str) -> dict:
+    """What the state machine reads from a run whose user was erased: the same keys, nothing to send."""
+    logger.info("user erased: model not registered, no notification")
+    metrics.add_metric(name="ModelsForErasedUsers", unit=MetricUnit.Count, value=1)
+    return {"user_id": user_id, "version": version, "model_prefix": prefix, "adapter_key": None,
+            "adapter_config_key": None, "metrics": {}, "notification": None, "erased": True}
 
 
 def _parse_artifacts(uri: str, bucket: str) -> str:
@@ -91,8 +108,10 @@ def handler(event: dict, context) -> dict:
                        execution=event.get("execution_arn"))
     bucket = os.environ["BUCKET_NAME"]
     artifacts_key = _parse_artifacts(event.get("model_artifacts"), bucket)
-    s3, table = _clients()
     prefix = keys.model_prefix(user_id, version)
+    if _erased(user_id):
+        return _erased_result(user_id, version, prefix)
+    s3, table = _clients()
     adapter_key = prefix + keys.ADAPTER_WEIGHTS
     config_key = prefix + keys.ADAPTER_CONFIG
 
@@ -148,6 +167,8 @@ def handler(event: dict, context) -> dict:
         metrics.add_metric(name="ModelRegistered", unit=MetricUnit.Count, value=1)
         logger.info("model registered", extra={"adapter_key": adapter_key})
 
+    if _erased(user_id):
+        return _erased_result(user_id, version, prefix)
     model_metrics = adapter.get("metrics") or {}
     return {
         "user_id": user_id,
@@ -157,4 +178,5 @@ def handler(event: dict, context) -> dict:
         "adapter_config_key": config_key,
         "metrics": model_metrics,
         "notification": notifications.ready(user_id, batch_id, version, model_metrics, event.get("dataset")),
+        "erased": False,
     }

@@ -27,6 +27,25 @@ USER_PREFIXES = (UPLOADS, DATASETS, MODELS, GENERATIONS)
 ASYNC_OUTPUT = "async-output/"
 ASYNC_FAILURES = "async-failures/"
 
+# How long each prefix that holds user data keeps what nobody deletes, in days: the bucket's
+# lifecycle rules (template.yaml) say the same, the backstop behind DELETE /users/{user_id}
+# (tests/test_erasure.py checks they agree and that no prefix is left out). None: no expiry,
+# for the reason in KEPT_UNTIL_ERASURE.
+RETENTION_DAYS: dict[str, int | None] = {
+    UPLOADS: 30,  # raw photos: only read while their batch is processed
+    DATASETS: 30,  # crops and manifest: only read by the training job
+    TRAINING: 30,  # SageMaker output and spot checkpoints; the adapter is copied to models/
+    MODELS: None,
+    REQUESTS: 7,  # a generation's input: read once by the endpoint
+    GENERATIONS: 30,  # images: the generation row (and its GET) lives 30 days (GENERATION_TTL_DAYS)
+    ASYNC_OUTPUT: 7,  # the endpoint's response: read once by on_generation_done
+    ASYNC_FAILURES: 7,  # error bodies: read by nobody but an operator debugging
+}
+KEPT_UNTIL_ERASURE = {
+    MODELS: "a user's trained adapter is what they generate with, for as long as they use the "
+            "service: it must not vanish under them; it goes with DELETE /users/{user_id}",
+}
+
 
 class InvalidKeyError(ValueError):
     """An S3 key outside the layout (wrong prefix, bad ids, traversal, nested folders)."""

@@ -26,8 +26,8 @@ from urllib.parse import unquote
 
 import boto3
 
+from avatarflow import erasure, keys
 from avatarflow import generations as gen
-from avatarflow import keys
 from avatarflow_local import iam
 from avatarflow_local.functions import REPO_ROOT
 from avatarflow_local.lambda_hook import _Response
@@ -70,6 +70,7 @@ class AsyncEndpoint:
         progress: bool = False,
         on_done: Callable[[Invocation, int, dict], None] | None = None,
         role_arn: str | None = None,
+        erasures_table: str | None = None,
     ):
         self.endpoint_name = endpoint_name
         self.bucket = bucket
@@ -82,6 +83,8 @@ class AsyncEndpoint:
         # The model's execution role: SageMaker reads the input, writes the output and
         # publishes the notices with it (avatarflow_local.iam checks every call).
         self.role_arn = role_arn
+        # The container's ERASURES_TABLE: it checks the erasure mark before generating and writing.
+        self.erasures_table = erasures_table
         self.jobs: queue.Queue[Invocation] = queue.Queue()
         self.done: list[tuple[Invocation, int]] = []
         self.app = None
@@ -106,8 +109,13 @@ class AsyncEndpoint:
                 disable=False, desc="generate (denoising steps)", leave=False, dynamic_ncols=True
             )
         cache = adapter_cache.AdapterCache(self.s3, self.bucket, self.cache_dir)
+        erased = None
+        if self.erasures_table:
+            table = boto3.resource("dynamodb", region_name=REGION).Table(self.erasures_table)
+            erased = erasure.checker(table)
         self.engine = engine_mod.Engine(
-            pipe, cache, self.s3, self.bucket, safety=engine_mod.safety_from_env(self.base_model, device)
+            pipe, cache, self.s3, self.bucket, safety=engine_mod.safety_from_env(self.base_model, device),
+            erased=erased,
         )
         self.app = server.create_app(self.engine).test_client()
         self.load_seconds = time.monotonic() - t0

@@ -259,8 +259,9 @@ def requests_for(service: str, operation: str, params: dict, region: str, accoun
             return [Request("sns:Publish", params.get("TopicArn") or params["TargetArn"])]
         if operation in ("Subscribe", "ListSubscriptionsByTopic", "GetTopicAttributes"):
             return [Request(f"sns:{operation}", params["TopicArn"])]
-        if operation == "Unsubscribe":
-            return [Request("sns:Unsubscribe", params["SubscriptionArn"].rsplit(":", 1)[0])]
+        if operation in ("Unsubscribe", "GetSubscriptionAttributes"):
+            # Evaluated against the subscription's topic (its ARN without the subscription id).
+            return [Request(f"sns:{operation}", params["SubscriptionArn"].rsplit(":", 1)[0])]
         raise UnmappedCall(f"sns:{operation}")
     if service == "sqs":
         single = operation.removesuffix("Batch")

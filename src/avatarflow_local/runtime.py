@@ -84,6 +84,11 @@ class Settings:
     settle_seconds: int = 1
     batching_window_s: float = 1.0  # the template's 20 s would only make a demo wait
     max_training_seconds: int = 3600
+    # The erasure's pace (avatarflow.erasure.Timing; the template's are 15 min between passes
+    # and 20 min at least): locally a pass a second, done once nothing is in flight.
+    erasure_sweep_interval_s: int = 1
+    erasure_min_age_s: int = 0
+    erasure_generation_wait_s: int = 120  # the template's 6 h 15 min is SageMaker's queue TTL
     progress: bool = False  # tqdm bars (denoising steps) on stderr
     verbose: bool = False  # the functions' JSON logs and metrics on stdout
     users: tuple[str, ...] = ("me",)
@@ -246,7 +251,12 @@ class LocalRuntime:
         local = {"POWERTOOLS_LOG_LEVEL": "INFO" if s.verbose else "WARNING"}
         if s.tiny:
             local.update(MIN_IMAGE_SIZE=str(resolution), DEFAULT_IMAGE_SIZE=str(resolution))
-        specs = {name: replace(spec, environment={**spec.environment, **local})
+        erasure_pace = {"ERASURE_SWEEP_INTERVAL_SECONDS": str(s.erasure_sweep_interval_s),
+                        "ERASURE_MIN_AGE_SECONDS": str(s.erasure_min_age_s),
+                        "ERASURE_GENERATION_WAIT_SECONDS": str(s.erasure_generation_wait_s)}
+        specs = {name: replace(spec, environment={
+                     **spec.environment, **local,
+                     **{k: v for k, v in erasure_pace.items() if k in spec.environment}})
                  for name, spec in r.function_specs.items()}
         self.hook = LambdaHook(specs, loader=load_fresh_handler).install()
         # From here on every AWS call of a function, the state machine, a training job or
@@ -267,6 +277,7 @@ class LocalRuntime:
             Path(s.out_dir) / ".adapter-cache",
             progress=s.progress,
             role_arn=r.inference_role_arn,
+            erasures_table=r.inference_environment.get("ERASURES_TABLE"),
             on_done=lambda job, status, body: self.on_event(
                 "endpoint",
                 f"generation {job.inference_id}: HTTP {status} ({len(body.get('images', []))} images)"
@@ -281,11 +292,10 @@ class LocalRuntime:
         t = time.monotonic()
         for source in r.event_sources:
             if source.kind == "SQS":
-                self.pollers.append(
-                    SqsEventSource(
-                        source, self.hook.invoke, window_s=s.batching_window_s, on_batch=self._on_upload_batch
-                    ).start()
-                )
+                on_batch = self._on_upload_batch if source.function == "on_upload" else self._on_sqs_batch
+                poller = SqsEventSource(source, self.hook.invoke, window_s=s.batching_window_s,
+                                        on_batch=on_batch)
+                self.pollers.append(poller.start())
             elif source.kind == "SNS":
                 name = f"{s.stack_name}-{source.function}-{source.source_arn.rsplit(':', 1)[1]}"[:80]
                 self.pollers.append(SnsToLambda(source, self.hook.invoke, name).start())
@@ -356,6 +366,10 @@ class LocalRuntime:
     def _on_upload_batch(self, event: dict, payload) -> None:
         failures = len((payload or {}).get("batchItemFailures") or []) if isinstance(payload, dict) else "?"
         self.on_event("on_upload", f"{len(event['Records'])} S3 event message(s), {failures} failed")
+
+    def _on_sqs_batch(self, event: dict, payload) -> None:
+        failures = len((payload or {}).get("batchItemFailures") or []) if isinstance(payload, dict) else "?"
+        self.on_event("sqs", f"{len(event['Records'])} message(s) handled, {failures} failed")
 
     def _on_training_output(self, job: str, line: str) -> None:
         if line.startswith("step="):

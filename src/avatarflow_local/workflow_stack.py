@@ -390,6 +390,8 @@ class LocalStackResources:
     function_specs: dict[str, FunctionSpec] = field(default_factory=dict)
     enforcer: iam.Enforcer | None = None
     inference_role_arn: str | None = None
+    # The inference container's environment (InferenceModel's PrimaryContainer Environment).
+    inference_environment: dict[str, str] = field(default_factory=dict)
 
 
 def _resources_of(template: dict, kind: str) -> dict[str, dict]:
@@ -523,6 +525,9 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
     return LocalStackResources(
         function_specs=specs, enforcer=enforcer, inference_role_arn=res.resolve(
             template["Resources"]["InferenceModel"]["Properties"]["ExecutionRoleArn"]),
+        inference_environment={k: str(v) for k, v in res.resolve(
+            template["Resources"]["InferenceModel"]["Properties"]["PrimaryContainer"].get("Environment", {})
+        ).items()},
         stack_name=stack_name, bucket=bucket, models_table=phys["ModelsTable"]["Ref"],
         generations_table=phys["GenerationsTable"]["Ref"], topic_arn=phys["NotificationTopic"]["Ref"],
         inference_success_topic=phys["InferenceSuccessTopic"]["Ref"],

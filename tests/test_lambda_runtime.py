@@ -20,6 +20,7 @@ def spec(**overrides):
 def test_an_invocation_sees_only_its_own_environment(monkeypatch):
     monkeypatch.setenv("OTHER_FUNCTIONS_VARIABLE", "theirs")
     monkeypatch.setenv("OWN", "process value")
+    monkeypatch.setenv("MIN_IMAGES", "3")  # a stray variable of a developer's shell
     seen = {}
 
     def handler(event, context):
@@ -32,7 +33,7 @@ def test_an_invocation_sees_only_its_own_environment(monkeypatch):
     )
     assert error is None
     assert seen["OWN"] == "mine" and seen["getenv"] == "mine"
-    assert "OTHER_FUNCTIONS_VARIABLE" not in seen
+    assert "OTHER_FUNCTIONS_VARIABLE" not in seen and "MIN_IMAGES" not in seen
     assert seen["AWS_LAMBDA_FUNCTION_NAME"] == "probe" and seen["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"] == "512"
     assert payload["memory"] == 512 and 0 < payload["left_ms"] <= 2000
     # The process environment is untouched, before and after.

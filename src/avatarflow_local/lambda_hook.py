@@ -159,6 +159,19 @@ if ("before-call", _refuse_after_timeout) not in botocore_handlers.BUILTIN_HANDL
     botocore_handlers.BUILTIN_HANDLERS.append(("before-call", _refuse_after_timeout))
 
 
+# Process variables an invocation inherits: the AWS SDK's (credentials, region, endpoint:
+# Lambda sets these too), the emulator's, the harness's Powertools switches (no X-Ray daemon
+# here) and the interpreter's and libraries' runtime settings. Nothing else reaches a handler.
+SANDBOX_PREFIXES = ("AWS_", "MOTO_", "POWERTOOLS_", "PYTHON", "LC_", "OMP_", "MKL_", "OPENBLAS_",
+                    "TOKENIZERS_", "HF_")
+SANDBOX_NAMES = frozenset({"PATH", "HOME", "LANG", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "SSL_CERT_FILE",
+                           "REQUESTS_CA_BUNDLE", "PYTEST_CURRENT_TEST", "PYTEST_XDIST_WORKER"})
+
+
+def _in_sandbox(name: str) -> bool:
+    return name in SANDBOX_NAMES or name.startswith(SANDBOX_PREFIXES)
+
+
 class LambdaTimeout(Exception):
     """The handler outlived its Timeout (what `call` raises; Invoke returns Sandbox.Timedout)."""
 
@@ -170,10 +183,11 @@ def run_as_lambda(
     """Invoke one handler as Lambda would: (payload, function_error or None). With
     `raise_errors` (for tests) the handler's own exception, or LambdaTimeout, is raised.
 
-    `hidden`: variables of other functions, removed from the view of the process
-    environment this invocation starts from. `load` runs inside the invocation (Lambda's
-    init phase sees the function's environment too)."""
-    base = {k: v for k, v in os.environ.process.items() if k not in hidden}
+    The invocation starts from the process variables Lambda's sandbox also has (or that
+    point this process at the emulated AWS: `SANDBOX_VARIABLES`), never another function's
+    (`hidden`) nor anything else a developer's shell holds. `load` runs inside the
+    invocation (Lambda's init phase sees the function's environment too)."""
+    base = {k: v for k, v in os.environ.process.items() if k not in hidden and _in_sandbox(k)}
     environment = {
         **base,
         **spec.environment,

@@ -189,6 +189,10 @@ class LocalRuntime:
         port = self.server.get_host_and_port()[1]
         self._setenv(AWS_ENDPOINT_URL=self.endpoint_url, MOTO_PORT=str(port))
         self._saved_sfn_config = dict(default_user_config.get("stepfunctions", {}))
+        # moto keeps its state in this process across servers: start from an empty account,
+        # as a new stack would (a second runtime in one process otherwise finds the first's tables).
+        reset = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST")  # noqa: S310
+        urllib.request.urlopen(reset, timeout=10).read()  # noqa: S310 - our own 127.0.0.1 server
         request = urllib.request.Request(  # noqa: S310 - our own 127.0.0.1 server
             f"{self.endpoint_url}/moto-api/config",
             method="POST",

@@ -50,6 +50,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
+from avatarflow_local.background_server import BackgroundServer
 from avatarflow_local.workflow_stack import ACCOUNT, HttpRoute, JwtAuthorizer, Throttle
 
 LOG = logging.getLogger(__name__)
@@ -281,8 +282,10 @@ class _Server(ThreadingHTTPServer):
             LOG.error("api request from %s failed", client_address[0], exc_info=err)
 
 
-class HttpApi:
+class HttpApi(BackgroundServer):
     """A ThreadingHTTPServer on 127.0.0.1 that turns requests into API Gateway v2 events."""
+
+    thread_name = "http-api"
 
     def __init__(
         self,
@@ -320,25 +323,12 @@ class HttpApi:
                 limit = throttle.for_route(key)
                 self.buckets[key] = TokenBucket(limit.rate, limit.burst, clock)
         self.server = _Server((host, port), self._handler_class())
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> HttpApi:
-        self._thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.2}, name="http-api", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
 
     # ------------------------------------------------------------------ request -> event
     def match(self, method: str, path: str) -> tuple[HttpRoute, dict] | None:

@@ -20,7 +20,6 @@ import json
 import logging
 import secrets
 import string
-import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +29,7 @@ from joserfc import jwt
 from joserfc.jwk import RSAKey
 
 from avatarflow.ids import validate_id
+from avatarflow_local.background_server import BackgroundServer
 from avatarflow_local.workflow_stack import REGION, load_template
 
 LOG = logging.getLogger(__name__)
@@ -53,11 +53,13 @@ def token_validity_s(template: dict | None = None) -> tuple[int, int]:
                  for kind in ("Access", "Id"))
 
 
-class LocalIssuer:
+class LocalIssuer(BackgroundServer):
     """Per-run RSA key, JWKS, discovery document and token minting, served on 127.0.0.1.
 
     `issuer` and `client_id` play the template's `!If [CreateUserPool, ...]` values: the
     user pool's issuer URL and the app client id (the authorizer's audience)."""
+
+    thread_name = "local-issuer"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, pool_id: str | None = None,
                  client_id: str | None = None):
@@ -69,7 +71,6 @@ class LocalIssuer:
         self.kid = self._key.kid
         self.server = ThreadingHTTPServer((host, port), self._handler_class())
         self.server.daemon_threads = True
-        self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:  # never the key
         return f"LocalIssuer(issuer={self.issuer!r}, client_id={self.client_id!r}, kid={self.kid!r})"
@@ -129,18 +130,6 @@ class LocalIssuer:
         return self.sign(self._base(sub, "id", self.id_ttl_s, claims))
 
     # ------------------------------------------------------------------ server
-    def start(self) -> LocalIssuer:
-        self._thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.2}, name="local-issuer", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
 
     def _handler_class(self):
         issuer = self

@@ -97,7 +97,7 @@ def reset(resources: LocalStackResources) -> None:
         if victims:
             s3.delete_objects(Bucket=resources.bucket, Delete={"Objects": victims, "Quiet": True})
     ddb = boto3.resource("dynamodb")
-    for name in (resources.models_table, resources.generations_table):
+    for name in boto3.client("dynamodb").list_tables()["TableNames"]:  # every table of the stack
         table = ddb.Table(name)
         key = [k["AttributeName"] for k in table.key_schema]
         with table.batch_writer() as batch:

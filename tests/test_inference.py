@@ -123,6 +123,9 @@ def request(gen_id: str, user: str = "alice", **extra) -> dict:
         "user_id": user,
         "model_version": "v1",
         "prompt": "portrait of sks person",
+        # Short: the tiny tokenizer spells most words byte by byte, so the default negative
+        # prompt is past one CLIP window there (tests/test_prompts.py covers that path).
+        "negative_prompt": "blurry, watermark",
         "num_images": 2,
         "seed": 7,
         **SMALL,
@@ -206,12 +209,17 @@ def test_alternating_users_match_each_adapter_alone(world):
             np.testing.assert_array_equal(arr, expected)
     assert not np.array_equal(got[0], got[1])  # the adapters really differ
 
-    # And the hot-swapped slot computes what plain diffusers load_lora_weights computes.
-    from diffusers import StableDiffusionPipeline
+    # And the hot-swapped slot computes what plain diffusers load_lora_weights computes, with
+    # the default sampler (DPM-Solver++ 2M from the folder's scheduler config).
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+    assert {r["scheduler"] for r in results} == {"dpmpp_2m"}
     for user, arr, res in (("alice", got[0], results[0]), ("bob", got[1], results[1])):
         plain = StableDiffusionPipeline.from_pretrained(world["base"], safety_checker=None)
         plain.set_progress_bar_config(disable=True)
+        plain.scheduler = DPMSolverMultistepScheduler.from_config(
+            plain.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
+        )
         plain.load_lora_weights(world["folders"][user])
         out = plain(
             prompt=res["prompt"],

@@ -12,31 +12,25 @@ previous user's weights. These tests run the real engine on the tiny SD and SDXL
 from __future__ import annotations
 
 import gc
-import io
-import json
 import os
 import weakref
 from functools import cache
-from pathlib import Path
 
 import boto3
 import numpy as np
 import pytest
+import serving_world
 import torch
-from adapter_cache import AdapterCache, lora_rank
+from adapter_cache import lora_rank
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from inference_engine import UNET_SLOT, Engine, GenerationRequest, load_base_pipeline
+from inference_engine import UNET_SLOT, Engine
 from moto import mock_aws
-from PIL import Image
+from serving_world import BUCKET, image, make_adapter, publish, request
 
-from avatarflow import keys
 from avatarflow.tiny_model import build_tiny_pipeline
 
-BUCKET = "isolation-test"
 SLOT_RANK = 8  # the engine's starting slot (AVATARFLOW_MAX_LORA_RANK)
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TE_TARGETS = ["q_proj", "v_proj"]
 # Per variant: user -> (rank, text-encoder LoRA). Ranks 16 and 24 are above the slot.
 USERS = {
     "u4": (4, False),
@@ -47,41 +41,6 @@ USERS = {
 # Examples per property (FUZZ_EXAMPLES as in tests/test_fuzz.py: 150 by default -> 6 here,
 # `make fuzz`'s 10,000 -> 400). Each example is a few real generations.
 EXAMPLES = max(4, int(os.environ.get("FUZZ_EXAMPLES", "150")) // 25)
-
-
-def make_adapter(base: Path, out: Path, variant: str, rank: int, text_encoder: bool, seed: int) -> Path:
-    """An adapter as the trainer saves it (save_lora_weights + peft metadata), with distinct
-    random non-zero weights; SDXL text-encoder LoRA covers both encoders."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    gen = torch.Generator().manual_seed(seed)
-
-    def lora(model, targets):
-        config = LoraConfig(r=rank, lora_alpha=rank * 1.5, target_modules=targets, init_lora_weights=False)
-        model.add_adapter(config)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_" in name:
-                    param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model)), config.to_dict()
-
-    layers, meta = lora(UNet2DConditionModel.from_pretrained(base / "unet"), UNET_TARGETS)
-    kwargs = {"unet_lora_layers": layers, "unet_lora_adapter_metadata": meta}
-    if text_encoder:
-        encoders = {"text_encoder": CLIPTextModel}
-        if variant == "sdxl":
-            encoders["text_encoder_2"] = CLIPTextModelWithProjection
-        for name, cls in encoders.items():
-            layers, meta = lora(cls.from_pretrained(base / name), TE_TARGETS)
-            kwargs[f"{name}_lora_layers"] = layers
-            kwargs[f"{name}_lora_adapter_metadata"] = meta
-    out.mkdir(parents=True, exist_ok=True)
-    pipeline = StableDiffusionXLPipeline if variant == "sdxl" else StableDiffusionPipeline
-    pipeline.save_lora_weights(out, **kwargs)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -97,31 +56,19 @@ def world(tmp_path_factory):
             for i, (user, (rank, te)) in enumerate(USERS.items()):
                 out = root / "adapters" / variant / user
                 folder = make_adapter(bases[variant], out, variant, rank, te, i)
-                prefix = keys.model_prefix(f"{variant}-{user}", "v1")
-                s3.upload_file(str(folder / keys.ADAPTER_WEIGHTS), BUCKET, prefix + keys.ADAPTER_WEIGHTS)
-                config = json.dumps({"rank": rank})
-                s3.put_object(Bucket=BUCKET, Key=prefix + keys.ADAPTER_CONFIG, Body=config)
+                publish(s3, folder, f"{variant}-{user}", {"rank": rank})
         yield {"root": root, "s3": s3, "bases": bases, "engines": 0}
 
 
 def new_engine(world, variant: str) -> Engine:
     world["engines"] += 1
     cache_dir = world["root"] / "cache" / str(world["engines"])
-    pipe = load_base_pipeline(world["bases"][variant], "cpu")
-    return Engine(pipe, AdapterCache(world["s3"], BUCKET, cache_dir), world["s3"], BUCKET, max_rank=SLOT_RANK,
-                  identity=None)
+    return serving_world.new_engine(world["s3"], world["bases"][variant], cache_dir, max_rank=SLOT_RANK)
 
 
 def generate(world, engine: Engine, variant: str, user: str, gen_id: str) -> tuple[np.ndarray, dict]:
-    result = engine.run(
-        GenerationRequest(
-            generation_id=gen_id, user_id=f"{variant}-{user}", model_version="v1",
-            prompt="portrait of sks person", num_images=1, steps=2, guidance_scale=5.0,
-            width=64, height=64, seed=11,
-        )
-    )
-    body = world["s3"].get_object(Bucket=BUCKET, Key=result["images"][0]["key"])["Body"].read()
-    return np.asarray(Image.open(io.BytesIO(body))), result
+    result = engine.run(request(gen_id, f"{variant}-{user}", negative_prompt="blurry, watermark"))
+    return image(world["s3"], result), result
 
 
 _ALONE: dict[tuple[str, str], np.ndarray] = {}
@@ -145,8 +92,11 @@ def test_rank_is_read_from_the_weights_in_every_key_layout():
         ("lora_linear_layer.down", "lora_linear_layer.up"),
     )
     for a, b in layouts:
-        sd = {f"unet.x.to_q.{a}.weight": down, f"unet.x.to_q.{b}.weight": up,
-              f"text_encoder.y.q_proj.{a}.weight": torch.zeros(2, 32)}
+        sd = {
+            f"unet.x.to_q.{a}.weight": down,
+            f"unet.x.to_q.{b}.weight": up,
+            f"text_encoder.y.q_proj.{a}.weight": torch.zeros(2, 32),
+        }
         assert lora_rank(sd) == 6 and lora_rank(sd, prefix="unet.") == 6
         assert lora_rank(sd, prefix="text_encoder.") == 2
 
@@ -198,8 +148,12 @@ def test_any_order_of_users_gives_each_user_their_own_image(world, variant):
     """Property: for random sequences of users (ranks 4..24 against a slot of 8, text-encoder
     LoRA on and off), every image equals that user's image alone in a fresh pipeline."""
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
     @given(order=_sequences())
     def check(order: list[str]) -> None:
         engine = new_engine(world, variant)

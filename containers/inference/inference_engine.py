@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -20,7 +22,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from adapter_cache import Adapter, AdapterCache, AdapterInvalid
@@ -35,14 +37,26 @@ from avatarflow.ids import ID_PATTERN
 logger = Logger(service="avatarflow-inference")
 # One worker per GPU already saturates it; tokenizer threads would only fight over CPUs.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prompts are user text: diffusers' pipelines warn with the cut-off part of a prompt and
+# transformers' tokenizers with its length. Nothing of a prompt reaches the logs.
+for _name in ("diffusers.pipelines", "transformers.tokenization_utils_base"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 UNET_SLOT = "user"  # the one UNet adapter name every user is hot-swapped into
 TE_SLOT = "user_te"  # text-encoder LoRA (not hot-swappable in diffusers 0.42): load/delete
 DEFAULT_NEGATIVE_PROMPT = (
     "lowres, blurry, deformed, disfigured, bad anatomy, extra limbs, watermark, text, jpeg artifacts"
 )
-DEFAULT_STEPS = 30
+# DPM-Solver++ (2M) reaches at 20-25 steps what DDIM/PNDM need 50 for; the base model folder's
+# own scheduler stays selectable per request ("folder") or per endpoint (AVATARFLOW_SCHEDULER).
+SCHEDULERS = ("dpmpp_2m", "folder")
+DEFAULT_SCHEDULER = "dpmpp_2m"
+DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
+# CLIP reads 77 tokens (75 + begin/end). Longer prompts are encoded in windows of 75 tokens
+# whose embeddings are concatenated (as the ecosystem's long-prompt helpers do); 3 windows hold
+# any ordinary 500-character prompt. Past that: 400, stating the limit.
+MAX_PROMPT_TOKENS = 225
 MAX_SEED = 2**32 - 1 - 8  # seed + i must stay a valid 32-bit seed
 
 # Counts base pipeline loads in this process: tests and /ping prove switching never reloads.
@@ -77,6 +91,7 @@ class GenerationRequest(BaseModel):
     width: Size
     height: Size
     seed: Annotated[int | None, Field(default=None, strict=True, ge=0, le=MAX_SEED)]
+    scheduler: Literal["dpmpp_2m", "folder"] | None = None  # None: the endpoint's default
 
     @field_validator("prompt")
     @classmethod
@@ -105,10 +120,69 @@ def parse_request(body: bytes | str) -> GenerationRequest:
 
 
 def prompt_with_token(prompt: str, token: str, subject_class: str) -> str:
-    """Every prompt names the user's DreamBooth token; add "<token> <class>" when missing."""
-    if token.lower() in prompt.lower().replace(",", " ").split():
+    """Every prompt names the user's DreamBooth token; add "<token> <class>" when missing. The
+    token counts wherever it stands as a word, punctuation around it or not ("sks.", "(sks)")."""
+    if re.search(rf"(?<![A-Za-z0-9]){re.escape(token)}(?![A-Za-z0-9])", prompt, flags=re.IGNORECASE):
         return prompt
     return f"photo of {token} {subject_class}, {prompt}"
+
+
+def prompt_token_count(tokenizer, text: str) -> int:
+    """CLIP tokens of `text` without the begin/end tokens (verbose=False: no length warning)."""
+    return len(tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids)
+
+
+def _windows(tokenizer, text: str, count: int):
+    """`count` rows of model_max_length ids: begin, 75 tokens of the text, end, padding; a row
+    past the text is the empty prompt's (begin, end, padding). A text of <= 75 tokens gives
+    exactly the tokenizer's own padded encoding as row 0."""
+    import torch
+
+    size = tokenizer.model_max_length
+    body = size - 2
+    ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    rows = []
+    for w in range(count):
+        row = [tokenizer.bos_token_id, *ids[w * body : (w + 1) * body], tokenizer.eos_token_id]
+        rows.append(row + [tokenizer.pad_token_id] * (size - len(row)))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def encode_long_prompts(pipe, prompt: str, negative: str, device) -> dict[str, Any]:
+    """Prompt and negative prompt embeddings for prompts longer than one CLIP window: each 75-token
+    window encoded on its own, the windows concatenated along the sequence (the UNet's cross-
+    attention takes any length). SDXL: penultimate hidden states of both encoders side by side,
+    the pooled embedding of the first window of encoder 2, as the pipeline itself computes them.
+    Both prompts get the same number of windows (the guidance batch is one tensor)."""
+    import torch
+
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if sdxl:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    tokenizer = pairs[0][0]
+    body = tokenizer.model_max_length - 2
+    count = max(1, *(-(-prompt_token_count(tokenizer, t) // body) for t in (prompt, negative)))
+    out: dict[str, Any] = {}
+    for name, pooled_name, text in (
+        ("prompt_embeds", "pooled_prompt_embeds", prompt),
+        ("negative_prompt_embeds", "negative_pooled_prompt_embeds", negative),
+    ):
+        hidden, pooled = [], None
+        for tok, encoder in pairs:
+            ids = _windows(tok, text, count).to(device)
+            if not sdxl:
+                states = encoder(ids)[0]
+            else:
+                result = encoder(ids, output_hidden_states=True)
+                states = result.hidden_states[-2]
+                if result[0].ndim == 2:  # the encoder with projection: pooled text embedding
+                    pooled = result[0][:1]
+            hidden.append(states.reshape(1, -1, states.shape[-1]))
+        out[name] = torch.cat(hidden, dim=-1).to(pipe.unet.dtype)
+        if sdxl:
+            out[pooled_name] = pooled.to(pipe.unet.dtype)
+    return out
 
 
 # --------------------------------------------------------------------------- safety
@@ -211,6 +285,11 @@ def load_base_pipeline(path: str | Path, device: str | None = None, dtype: str |
         pipe.safety_checker = None
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    # Decode one image at a time, and in tiles past the VAE's native size: 8 images at 1024 px
+    # decoded as one batch need more memory than the whole UNet (fp32 SDXL VAE). Slicing leaves
+    # each image's pixels as they were; tiling only acts above the VAE's sample size.
+    pipe.vae.enable_slicing()
+    pipe.vae.enable_tiling()
     BASE_LOADS += 1
     # diffusers picks SDPA (AttnProcessor2_0) by default on torch 2; log it so a run shows it.
     processors = {type(p).__name__ for p in pipe.unet.attn_processors.values()}
@@ -255,6 +334,17 @@ def _erasure_check_from_env() -> Callable[[str], bool] | None:
     return erasure.checker(boto3.resource("dynamodb").Table(name))
 
 
+def make_schedulers(folder_scheduler) -> dict[str, Any]:
+    """The samplers a request may pick: DPM-Solver++ 2M built from the folder's scheduler config
+    (same betas, prediction type, timestep spacing), and the folder's own scheduler."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    dpm = DPMSolverMultistepScheduler.from_config(
+        folder_scheduler.config, algorithm_type="dpmsolver++", solver_order=2
+    )
+    return {"dpmpp_2m": dpm, "folder": folder_scheduler}
+
+
 # --------------------------------------------------------------------------- engine
 class Engine:
     def __init__(
@@ -269,8 +359,13 @@ class Engine:
         identity=default_identity,
         compile_unet: bool = False,
         erased: Callable[[str], bool] | None = None,
+        scheduler: str | None = None,
     ):
         self.pipe = pipe
+        self.default_scheduler = scheduler or os.environ.get("AVATARFLOW_SCHEDULER") or DEFAULT_SCHEDULER
+        if self.default_scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, not {self.default_scheduler!r}")
+        self.schedulers = make_schedulers(pipe.scheduler)
         self.cache = cache
         self.s3 = s3
         self.bucket = bucket
@@ -542,21 +637,36 @@ class Engine:
         self._refuse_erased(req)
         t0 = time.perf_counter()
         adapter, source, fetch_ms = self.cache.get(req.user_id, req.model_version)
+        prompt = prompt_with_token(req.prompt, adapter.token, adapter.subject_class)
+        negative = req.negative_prompt if req.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
+        tokens = {name: prompt_token_count(self.pipe.tokenizer, text) for name, text in
+                  (("prompt", prompt), ("negative_prompt", negative))}
+        too_long = {
+            name: f"{count} CLIP tokens; the limit is {MAX_PROMPT_TOKENS} tokens"
+            for name, count in tokens.items()
+            if count > MAX_PROMPT_TOKENS
+        }
+        if too_long:
+            raise RequestInvalid(too_long)
         t = time.perf_counter()
         mode = self.activate(adapter)
         load_ms = _ms(t)
 
-        prompt = prompt_with_token(req.prompt, adapter.token, adapter.subject_class)
-        negative = req.negative_prompt if req.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
+        scheduler = req.scheduler or self.default_scheduler
+        self.pipe.scheduler = self.schedulers[scheduler]
         seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
         seeds = [seed + i for i in range(req.num_images)]
         # CPU generators: the same seed gives the same starting noise on any device.
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        window = self.pipe.tokenizer.model_max_length - 2
         t = time.perf_counter()
         with torch.inference_mode():
+            if max(tokens.values()) > window:  # past one CLIP window: encoded in windows
+                texts = encode_long_prompts(self.pipe, prompt, negative, self.pipe.unet.device)
+            else:  # the pipeline's own encoding (identical to plain diffusers)
+                texts = {"prompt": prompt, "negative_prompt": negative}
             out = self.pipe(
-                prompt=prompt,
-                negative_prompt=negative,
+                **texts,
                 num_inference_steps=req.steps,
                 guidance_scale=req.guidance_scale,
                 width=req.width,
@@ -607,6 +717,8 @@ class Engine:
             "width": arrays.shape[2],
             "height": arrays.shape[1],
             "seed": seed,
+            "scheduler": scheduler,
+            "prompt_tokens": tokens["prompt"],
             "images": entries,
             "safety_check": safety.status,
             "nsfw_flagged": sum(1 for f in safety.flags if f),

@@ -53,6 +53,9 @@ def create_app(engine: Engine | None = None, stuck_after_s: float | None = None)
         ids = {"generation_id": req.generation_id, "user_id": req.user_id, "model_version": req.model_version}
         try:
             return jsonify(engine.run(req)), 200
+        except RequestInvalid as err:  # found once the model is known: a prompt over the token limit
+            logger.info("request rejected", extra={**ids, "fields": sorted(err.fields)})
+            return jsonify(error="invalid_request", message=str(err), fields=err.fields, **ids), 400
         except AdapterNotFound as err:
             logger.info("model not found", extra=ids)
             return jsonify(error="model_not_found", message=str(err), **ids), 404

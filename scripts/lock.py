@@ -74,7 +74,8 @@ TARGETS = (
     Target("faces-image", "3.12", "aarch64-manylinux_2_28", extras=("faces",),
            consumers=("functions/faces.Dockerfile",)),
     # SageMaker GPU instances: x86_64, the dev venv's Python, the CUDA build of the same torch.
-    Target("training-image", DEV_PYTHON, "x86_64-manylinux_2_28", extras=("ml",), torch="cuda",
+    # faces: the trainer's quality loop scores validation images with the intake's SFace model.
+    Target("training-image", DEV_PYTHON, "x86_64-manylinux_2_28", extras=("ml", "faces"), torch="cuda",
            consumers=("containers/training/Dockerfile",)),
     Target("inference-image", DEV_PYTHON, "x86_64-manylinux_2_28", extras=("ml", "faces", "serve"),
            torch="cuda", consumers=("containers/inference/Dockerfile",)),

@@ -539,16 +539,24 @@ def test_metric_definitions_match_the_trainer_output_and_the_docs():
     assert asl == _documented_metrics()
     # SageMaker's limits (API reference, MetricDefinition): <= 40, Name <= 255, Regex <= 500.
     assert len(definitions) <= 40 and all(len(n) <= 255 and len(r) <= 500 for n, r in asl.items())
-    # The line the trainer prints after each step (containers/training, metric_line).
+    # The lines the trainer prints after each step (containers/training, metric_line) and after
+    # each checkpoint's quality check (validation_line): each metric is read from its own line.
     line = tdl.metric_line(12, 0.1234567, 0.05612)
-    expected = {"train:loss": 0.123457, "train:step_time": 0.0561, "train:step": 12.0}
+    check = tdl.validation_line({"step": 200, "identity": -0.0123456, "faces_found": 3}, 4)
+    expected = {"train:loss": (line, 0.123457), "train:step_time": (line, 0.0561), "train:step": (line, 12.0),
+                "train:identity": (check, -0.012346)}
     assert set(asl) == set(expected)
     for name, regex in asl.items():
-        match = re.search(regex, line)
-        assert match, f"{name}: {regex} does not match {line!r}"
-        assert float(match.group(1)) == pytest.approx(expected[name]), (name, line)
-    # Other stdout lines of a run must not be read as a step metric.
-    for other in ("resumed from checkpoint-2 at step 2", "final_loss_mean=0.123456 steps=4"):
+        for text in (line, check):
+            match = re.search(regex, text)
+            if text is not expected[name][0]:
+                assert not match, f"{name}: {regex} also matches {text!r}"
+                continue
+            assert match, f"{name}: {regex} does not match {text!r}"
+            assert float(match.group(1)) == pytest.approx(expected[name][1]), (name, text)
+    # Other stdout lines of a run must not be read as a metric.
+    for other in ("resumed from checkpoint-2 at step 2", "final_loss_mean=0.123456 steps=4",
+                  "publishing checkpoint 4 (identity 0.7500), not the last step"):
         assert not any(re.search(r, other) for r in asl.values()), other
 
 

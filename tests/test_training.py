@@ -65,6 +65,7 @@ def make_job(root: Path, base: Path, dataset: Path, **hyperparameters) -> dict:
         "seed": "3",
         "checkpointing_steps": "2",
         "base_model_id": "tiny-sd",
+        "validation_images": "0",  # the quality loop has its own tests (tests/test_quality_loop.py)
     }
     values.update({k: str(v) for k, v in hyperparameters.items()})  # SageMaker sends strings
     (root / "input" / "config" / "hyperparameters.json").write_text(json.dumps(values))
@@ -296,3 +297,111 @@ def test_sm_channel_env_vars_override_the_default_paths(tmp_path):
     assert paths.training == Path("/data/x") and paths.model == Path("/out/model")
     assert paths.base_model == tmp_path / "input" / "data" / "base_model"
     assert paths.failure == tmp_path / "output" / "failure"
+
+
+# --------------------------------------------------------------------------- defaults for faces
+def test_defaults_for_faces():
+    """No mirrored faces, bf16, a text-encoder rate of its own, min-SNR and offset noise off
+    unless asked, gradient checkpointing left to the memory plan."""
+    hp = tdl.Hyperparameters()
+    assert hp.random_flip is False
+    assert hp.mixed_precision == "bf16"
+    assert hp.text_encoder_lr == 5e-6 and hp.learning_rate == 1e-4
+    assert (hp.snr_gamma, hp.noise_offset) == (0.0, 0.0)
+    assert hp.gradient_checkpointing == "auto"
+    parsed = tdl.parse_hyperparameters(
+        {
+            "gradient_checkpointing": "True",
+            "snr_gamma": "5",
+            "noise_offset": "0.05",
+            "text_encoder_lr": "1e-5",
+        },
+    )
+    assert (parsed.gradient_checkpointing, parsed.snr_gamma, parsed.noise_offset) == ("true", 5.0, 0.05)
+    assert tdl.parse_hyperparameters({"gradient_checkpointing": False}).gradient_checkpointing == "false"
+    with pytest.raises(tdl.TrainingError, match="gradient_checkpointing must be auto, true or false"):
+        tdl.parse_hyperparameters({"gradient_checkpointing": "sometimes"})
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "bf16", "expected"),
+    [
+        ("bf16", "cuda", True, "bf16"),  # A10G, A100, H100, L4
+        ("bf16", "cuda", False, "fp16"),  # T4, V100: fp16 with a GradScaler
+        ("fp16", "cuda", True, "fp16"),
+        ("no", "cuda", True, "no"),
+        ("bf16", "cpu", False, "bf16"),
+        ("no", "cpu", False, "no"),
+    ],
+)
+def test_bf16_where_the_gpu_has_it_fp16_only_where_it_does_not(requested, device, bf16, expected):
+    assert tdl.resolve_precision(requested, device, bf16) == expected
+
+
+def test_fp16_on_a_cpu_is_refused():
+    with pytest.raises(tdl.TrainingError, match="fp16 needs a GPU"):
+        tdl.resolve_precision("fp16", "cpu", False)
+
+
+def test_the_templates_mixed_precision_default_agrees():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    text = (Path(__file__).resolve().parents[1] / "template.yaml").read_text()
+    template = yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader that ignores CloudFormation tags
+    parameter = template["Parameters"]["MixedPrecision"]
+    assert parameter["Default"] == tdl.Hyperparameters().mixed_precision == "bf16"
+
+
+def test_the_text_encoders_learn_at_their_own_rate():
+    models = [torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]
+    hp = tdl.Hyperparameters(learning_rate=1e-4, text_encoder_lr=2e-6)
+    groups = tdl.make_optimizer(models, hp).param_groups
+    assert [g["lr"] for g in groups] == [1e-4, 2e-6, 2e-6]
+    assert [g["params"][0] is m.weight for g, m in zip(groups, models, strict=True)] == [True] * 3
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_are_the_papers(prediction_type):
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type
+    )
+    t = torch.tensor([0, 10, 300, 999])
+    alphas = sched.alphas_cumprod[t]
+    snr = alphas / (1 - alphas)
+    expected = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    torch.testing.assert_close(tdl.sample_weights(sched, t, 5.0), expected)
+    assert torch.equal(tdl.sample_weights(sched, t, 0.0), torch.ones(4))
+
+
+def test_no_mirrored_faces_unless_asked(tmp_path, base_models, dataset, monkeypatch):
+    encoded = []
+    real = tdl.BaseModel.encode_images
+
+    def spy(self, images):
+        encoded.append(len(images))
+        return real(self, images)
+
+    monkeypatch.setattr(tdl.BaseModel, "encode_images", spy)
+    assert run_main(make_job(tmp_path / "default", base_models["sd"], dataset, max_train_steps=1)) == 0
+    flip = make_job(tmp_path / "flip", base_models["sd"], dataset, max_train_steps=1, random_flip="true")
+    assert run_main(flip) == 0
+    assert encoded == [3, 6]  # 3 crops; mirrored copies only with random_flip
+    assert adapter(tmp_path / "default")[1]["random_flip"] is False
+
+
+def test_min_snr_and_offset_noise_change_the_training(tmp_path, base_models, dataset):
+    runs = {}
+    for name, extra in {"plain": {}, "snr": {"snr_gamma": 0.5}, "offset": {"noise_offset": 0.1}}.items():
+        env = make_job(tmp_path / name, base_models["sd"], dataset, max_train_steps=2, **extra)
+        assert run_main(env) == 0
+        runs[name] = adapter(tmp_path / name)
+    assert runs["snr"][1]["snr_gamma"] == 0.5 and runs["offset"][1]["noise_offset"] == 0.1
+    assert runs["plain"][1]["snr_gamma"] is None and runs["plain"][1]["noise_offset"] is None
+    losses = {name: info["loss"]["mean"] for name, (_, info) in runs.items()}
+    assert len(set(losses.values())) == 3, losses

@@ -458,6 +458,11 @@ def list_models(user_id: str):
         }
         for m in _user_models(user_id)
     ]
+    for model in models:
+        # The training job's quality loop: the published checkpoint's SFace similarity to the
+        # batch's reference face (null when no validation image showed a face).
+        metrics = model["metrics"] or {}
+        model["identity_score"] = metrics.get("identity_score") if metrics.get("faces_found") else None
     latest = next((m["version"] for m in models if m["status"] == "READY"), None)
     return {"user_id": user_id, "latest_ready": latest, "models": models}
 

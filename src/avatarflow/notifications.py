@@ -98,10 +98,24 @@ def _request_lines(dataset: dict) -> list[str]:
     return [f"Note on your request.json: {issue}." for issue in dataset.get("request_issues") or []]
 
 
+def _likeness_lines(metrics: dict | None) -> list[str]:
+    """The training job's quality loop, in words: the published checkpoint's SFace similarity
+    to the batch's face. Nothing when no validation image showed a face (nothing was measured)."""
+    metrics = metrics or {}
+    score = metrics.get("identity_score")
+    if score is None or not metrics.get("faces_found"):
+        return []
+    return [
+        f"Likeness check: portraits made with your model while it trained matched the face in your "
+        f"photos with a similarity of {float(score):.2f} (1.00 is the same face; above 0.36 is "
+        "usually the same person)."
+    ]
+
+
 def ready(user_id: str, batch_id: str, version: str, metrics: dict | None, dataset: dict | None) -> dict:
-    """MODEL_READY. `metrics` (training loss, step times) stay on the registry row: they
-    mean nothing to the person who gets this email."""
-    del metrics
+    """MODEL_READY. Of `metrics` only the likeness score is told (training loss and step
+    times stay on the registry row: they mean nothing to the person who gets this email)."""
+    likeness = _likeness_lines(metrics)
     dataset = dataset or {}
     lines = [
         f"Your avatar model from batch {batch_id} is ready.",
@@ -110,6 +124,7 @@ def ready(user_id: str, batch_id: str, version: str, metrics: dict | None, datas
     ]
     if dataset.get("accepted") is not None:
         lines.append(f"It was trained on {dataset['accepted']} of your photos.")
+    lines += likeness
     rejections = dataset.get("rejections") or []
     if rejections:
         lines += ["", "These photos were not used:", *_rejection_lines(rejections)]

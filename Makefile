@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE ?= 1
 export SAM_CLI_TELEMETRY ?= 0
 export AWS_DEFAULT_REGION ?= us-east-1
 
-.PHONY: install tools lock test test-fast lint validate bench-intake bench-train bench-infer bench fuzz soak demo up clean
+.PHONY: install tools lock test test-fast lint validate bench-intake bench-train bench-infer bench-gpu bench fuzz soak demo up clean
 
 # The CPU build of torch (lock/dev.txt pins 2.13.0+cpu) is not on PyPI. Where pip has no
 # find-links folder configured that holds it, take it from PyTorch's CPU index.
@@ -98,6 +98,14 @@ bench-train: install
 
 bench-infer: install
 	$(PY) bench/bench_infer.py
+
+# The GPU measurements (bench/bench_gpu.py, docs/benchmarks.md): on a CUDA machine with torch,
+# no network; BENCH_GPU_WHEELS=<dir> installs the other dependencies from wheels first (made
+# elsewhere with `python bench/bench_gpu.py --fetch-wheels <dir>`). Writes out/bench_gpu.json.
+BENCH_PYTHON ?= python3
+bench-gpu:
+	mkdir -p out
+	$(BENCH_PYTHON) bench/bench_gpu.py --json out/bench_gpu.json $(if $(BENCH_GPU_WHEELS),--wheels $(BENCH_GPU_WHEELS)) $(BENCH_GPU_ARGS)
 
 # The whole system on 127.0.0.1 (moto + in-process handlers + tiny model): see README.
 # PHOTOS=<folder> uses your photos; DEMO_ARGS / UP_ARGS pass more flags (--base-model PATH, --steps N).

@@ -581,7 +581,9 @@ class Engine:
             import torch
 
             self.pipe.unet = torch.compile(
-                self.pipe.unet, mode=os.environ.get("AVATARFLOW_COMPILE_MODE") or None
+                self.pipe.unet,
+                mode=os.environ.get("AVATARFLOW_COMPILE_MODE") or None,
+                backend=os.environ.get("AVATARFLOW_COMPILE_BACKEND") or "inductor",  # aot_eager: CPU tests
             )
 
     def _load_text_encoders(self, adapter: Adapter) -> None:

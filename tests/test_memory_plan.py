@@ -176,6 +176,7 @@ def test_a_job_that_cannot_fit_fails_before_loading_anything(tmp_path, tiny, tin
     assert "GiB of GPU memory at best" in failure and "0.5 GiB" in failure
 
 
+@pytest.mark.e2e
 def test_forced_micro_batches_train_the_same_adapter(tmp_path, tiny, tiny_dataset, monkeypatch):
     """Micro-batches with gradient accumulation are the same step: batch 2 in one pass and in
     two passes of 1 give the same adapter (prior preservation on: the class half is split too)."""

@@ -63,6 +63,7 @@ def job(tmp_path, name, base, data, **extra):
     return make_job(tmp_path / name, base, data, **(hps | extra))
 
 
+@pytest.mark.e2e
 def test_the_best_checkpoint_is_published_not_the_last(tmp_path, base_models, dataset, capsys):  # noqa: F811
     embedder = StandIn([[0.3] * 4, [1.0, 1.0, 1.0, None], [0.5] * 4])  # steps 2, 4, 6
     paths_env = job(tmp_path, "loop", base_models["sd"], dataset)
@@ -98,6 +99,7 @@ def test_the_best_checkpoint_is_published_not_the_last(tmp_path, base_models, da
     assert "publishing checkpoint 4 (identity 0.7500), not the last step" in out
 
 
+@pytest.mark.e2e
 def test_a_resumed_job_keeps_the_best_checkpoint_of_its_first_life(tmp_path, base_models, dataset):  # noqa: F811
     """The best checkpoint's LoRA rides in every checkpoint: a spot restart after step 4 still
     publishes step 2's weights when nothing later beats them."""

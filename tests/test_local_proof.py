@@ -4,6 +4,7 @@ user told (the real ASL on moto, the real handlers, roles from template.yaml).""
 
 import dataclasses
 import json
+import time
 
 import pytest
 from workflow_harness import failure_of, history, messages, run_batch
@@ -37,10 +38,20 @@ def test_a_role_missing_one_statement_fails_the_run_and_the_user_is_told(aws):
 
 
 def test_a_function_past_its_timeout_fails_the_task_as_lambda_does(aws):
-    """build_dataset gets 50 ms: Lambda ends it with Sandbox.Timedout, the state machine's
-    task fails with that error, and the user is told."""
+    """build_dataset gets 0.2 s and takes at least 1 s (the real handler, after a pause):
+    Lambda ends it with Sandbox.Timedout, the state machine's task fails with that error,
+    and the user is told."""
     hook = aws["hook"]
-    hook.specs["build_dataset"] = dataclasses.replace(hook.specs["build_dataset"], timeout_s=0.05)
+    hook.specs["build_dataset"] = dataclasses.replace(hook.specs["build_dataset"], timeout_s=0.2)
+
+    def slowed(handler):
+        def slow(event, context):
+            time.sleep(1.0)
+            return handler(event, context)
+
+        return slow
+
+    hook.wrap("build_dataset", slowed)
 
     arn, desc = run_batch(aws, "slow1", one_person_batch(8))
 

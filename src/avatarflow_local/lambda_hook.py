@@ -281,6 +281,12 @@ class LambdaHook:
                 self._handlers[name] = self.loader(name)
             return self._handlers[name]
 
+    def wrap(self, name: str, wrapper: Callable[[Handler], Handler]) -> None:
+        """Replace a function's handler by `wrapper(handler)` (tests: slow it, watch it)."""
+        handler = self._load(name)
+        with self._lock:
+            self._handlers[name] = wrapper(handler)
+
     def fail_next(self, name: str, code: str = "TooManyRequestsException", times: int = 1) -> None:
         with self._lock:
             self._failures.setdefault(name, []).extend([code] * times)

@@ -75,11 +75,11 @@ lint: install
 
 # Everything, what CI runs: two pytest workers (the machine's two cores).
 test: install tools lint
-	PATH="$(CURDIR)/$(TOOLS_VENV)/bin:$$PATH" $(PY) -m pytest -n 2
+	PATH="$(CURDIR)/$(TOOLS_VENV)/bin:$$PATH" $(PY) -m pytest -n 2 --dist worksteal
 
 # Unit tests only (no training subprocess, no workflow run): the inner loop, under a minute.
 test-fast: install
-	$(PY) -m pytest -m "not e2e" -n 2
+	$(PY) -m pytest -m "not e2e" -n 2 --dist worksteal
 
 # Property fuzzing with a large budget (tests/test_fuzz.py, 10,000 examples per target).
 fuzz: install

@@ -113,7 +113,10 @@ def test_the_meta_pass_counts_what_a_real_step_holds(tmp_path):
     m = json.loads(done.stdout.strip().splitlines()[-1])
     assert m["meta"] > 100 * 2**20  # activations dominate: the comparison means something
     assert abs(m["real"] - m["meta"]) <= 0.01 * m["meta"], m
-    assert 0.95 * m["meta"] <= m["rss"] <= 1.3 * m["meta"], m
+    # The process really held at least what the meta pass counts. No upper bound: the
+    # lifetime RSS peak also holds allocator slack and whatever ran before in the process
+    # (it measured 1.1x alone and 2.9x inside the full suite), so it cannot bound the plan.
+    assert m["rss"] >= 0.95 * m["meta"], m
 
 
 def _options(tiny_configs):

@@ -95,6 +95,9 @@ def local_substitutions(bucket: str, table: str, topic_arn: str, **overrides: st
         "MaxWaitSeconds": "1200",
         "TrainingSteps": "2",
         "CheckpointSteps": "100",
+        # One scored image per checkpoint keeps the quality loop in every local run at a
+        # quarter of its cost (tests/test_quality_loop.py covers the loop itself).
+        "ValidationImages": "1",
         "Resolution": "64",
         "MixedPrecision": "no",
         "MinImages": "8",

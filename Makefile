@@ -73,9 +73,11 @@ lock: $(TOOLS_VENV)/.installed
 lint: install
 	$(PY) -m ruff check .
 
-# Everything, what CI runs: two pytest workers (the machine's two cores).
+# Everything, what CI runs. Three pytest workers on the two cores: the end-to-end tests spend
+# much of their time waiting (settle timers, pollers, a training subprocess starting), and a
+# third worker fills that idle time (measured: 262 s vs 283 s with two).
 test: install tools lint
-	PATH="$(CURDIR)/$(TOOLS_VENV)/bin:$$PATH" $(PY) -m pytest -n 2 --dist worksteal
+	PATH="$(CURDIR)/$(TOOLS_VENV)/bin:$$PATH" $(PY) -m pytest -n 3 --dist worksteal
 
 # Unit tests only (no training subprocess, no workflow run): the inner loop, under a minute.
 test-fast: install

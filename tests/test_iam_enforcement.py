@@ -6,10 +6,14 @@ told) is in tests/test_workflow.py; here each rule is pinned on its own."""
 
 import boto3
 import pytest
+import unit_stack
 from botocore.exceptions import ClientError
 
 from avatarflow_local import iam
 from avatarflow_local.iam import Request, UnmappedCall, decide, requests_for
+
+# One template-built stack per module, emptied after each test (tests/unit_stack.py).
+module_stack, stack = unit_stack.module_stack, unit_stack.stack
 
 
 def allow(action, resource, **extra):

@@ -7,9 +7,13 @@ import time
 
 import boto3
 import pytest
+import unit_stack
 
 from avatarflow_local.lambda_hook import FunctionSpec, LambdaTimeout, run_as_lambda
 from avatarflow_local.workflow_stack import function_variables, load_template
+
+# One template-built stack per module, emptied after each test (tests/unit_stack.py).
+module_stack, stack = unit_stack.module_stack, unit_stack.stack
 
 
 def spec(**overrides):

@@ -75,6 +75,7 @@ def test_publishes_adapter_and_marks_ready(env):
     assert row["status"] == "READY" and row["training_job"] == "avatar-1"
     assert row["adapter_key"] == "models/ada/b1/pytorch_lora_weights.safetensors"
     assert float(row["metrics"]["final_loss"]) == pytest.approx(0.123)
+    assert row["base_model"] == "tiny"
     assert result["model_prefix"] == "models/ada/b1/" and result["metrics"]["steps"] == 2
     # Every call was checked against the function's role: two uploads under models/.
     assert env["stack"].enforcer.allowed[("avatarflow-local-RegisterModelFunctionRole", "s3:PutObject")] == 2
@@ -185,3 +186,13 @@ def test_notify_formats_rejection_and_failure(stack):
     assert "CUDA out of memory" not in failed["message"]
     with pytest.raises(ValueError):
         notify({"event": "SOMETHING", "user_id": "ada", "batch_id": "b1"})
+
+
+def test_the_registry_names_the_base_model_the_trainer_reports(env):
+    """The trainer writes base_model_id (empty unless the operator set one) and the folder's
+    fingerprint; the registry row keeps the id, else the fingerprint (it was always empty)."""
+    put_tar(env, config={"token": "sks", "base_model_id": None, "base_model_fingerprint": "sha256:feed",
+                         "metrics": {"final_loss": 0.1, "steps": 2}})
+    env["call"](event(env))
+    row = env["table"].get_item(Key={"user_id": "ada", "version": "b1"})["Item"]
+    assert row["base_model"] == "sha256:feed"

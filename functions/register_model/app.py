@@ -96,6 +96,20 @@ def _to_dynamo(value):
     return json.loads(json.dumps(value), parse_float=Decimal)
 
 
+def base_model_of(adapter: dict) -> str:
+    """What the adapter was trained on, as adapter.json says it: the operator's model id when
+    the job had one, else the base model folder's fingerprint (the trainer writes
+    `base_model_id` and `base_model_fingerprint`; older adapters wrote `base_model`).
+
+    >>> base_model_of({"base_model_id": None, "base_model_fingerprint": "sha256:ab"})
+    'sha256:ab'
+    """
+    for field in ("base_model_id", "base_model", "base_model_fingerprint"):
+        if adapter.get(field):
+            return str(adapter[field])
+    return ""
+
+
 @logger.inject_lambda_context(log_event=False)
 @tracer.capture_lambda_handler
 @metrics.log_metrics
@@ -152,7 +166,7 @@ def handler(event: dict, context) -> dict:
                     ":config": config_key, ":job": training_job,
                     ":exec": str(event.get("execution_arn") or ""),
                     ":metrics": _to_dynamo(adapter.get("metrics") or {}),
-                    ":base": str(adapter.get("base_model") or ""), ":token": str(adapter.get("token") or ""),
+                    ":base": base_model_of(adapter), ":token": str(adapter.get("token") or ""),
                     ":now": now,
                 },
             )

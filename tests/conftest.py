@@ -19,17 +19,9 @@ os.environ.setdefault("POWERTOOLS_DEV", "false")
 
 import pytest  # noqa: E402
 
-# The workflow fixtures (moto with the real state machine, the tiny base model), shared by
-# tests/test_workflow.py and tests/test_faults.py without one test file importing another.
+# The template-built fixtures (tests/workflow_harness.py): `stack` (resources in moto, functions
+# run as Lambda, IAM enforced) and `aws` (the same plus the tiny base model, for workflow runs).
 from workflow_harness import aws, stack, tiny_model  # noqa: E402, F401
-
-from avatarflow_local.functions import load_handler  # noqa: E402
-
-
-@pytest.fixture
-def handler_of():
-    """handler_of("preprocess_image") -> the real handler from functions/<name>/app.py."""
-    return load_handler
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -39,20 +31,3 @@ def _one_torch_thread():
     except ImportError:
         return
     torch.set_num_threads(1)
-
-
-class LambdaContext:
-    """The attributes Powertools reads from a Lambda context."""
-
-    function_name = "test-function"
-    memory_limit_in_mb = 1024
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:test-function"
-    aws_request_id = "00000000-0000-0000-0000-000000000000"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 300_000
-
-
-@pytest.fixture
-def lambda_context():
-    return LambdaContext()

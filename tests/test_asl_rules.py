@@ -34,8 +34,11 @@ import pytest
 import train_dreambooth_lora as tdl
 from moto import mock_aws
 
+from avatarflow_local.lambda_hook import DEFAULT_TIMEOUT_S  # a function without Timeout
 from avatarflow_local.workflow_stack import (
+    ACCOUNT,
     DEFINITION,
+    REGION,
     STATE_MACHINE,
     TemplateResolver,
     load_template,
@@ -44,8 +47,6 @@ from avatarflow_local.workflow_stack import (
 
 REPO = Path(__file__).resolve().parents[1]
 ASL_TOOL = REPO / "tools" / "asl"
-ACCOUNT, REGION = "123456789012", "us-east-1"
-LAMBDA_DEFAULT_TIMEOUT_S = 3  # AWS::Lambda::Function / AWS::Serverless::Function without Timeout
 REQUEST_RESPONSE_BOUND_S = 300  # one API call (S3 list, DynamoDB update, SNS publish)
 TRAIN_TIMEOUT_MARGIN_S = 3600  # provisioning, data download and model upload around the stopping condition
 RESERVED_IN_LITERALS = "'{}\\"
@@ -370,7 +371,7 @@ def test_retries_are_for_transient_errors_only():
 def _function_timeouts(template: dict, subs_template: dict) -> dict[str, int]:
     """DefinitionSubstitutions key -> the Timeout of the function its ARN names (own,
     Globals, or Lambda's default)."""
-    default = template.get("Globals", {}).get("Function", {}).get("Timeout", LAMBDA_DEFAULT_TIMEOUT_S)
+    default = template.get("Globals", {}).get("Function", {}).get("Timeout", DEFAULT_TIMEOUT_S)
     out = {}
     for key, value in subs_template.items():
         if isinstance(value, dict) and "Fn::GetAtt" in value:

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import pytest
 
+from avatarflow_local.workflow_stack import ACCOUNT, REGION, load_template
 from avatarflow_local.workflow_stack import REPO_ROOT as REPO
-from avatarflow_local.workflow_stack import load_template
 
-ACCOUNT, REGION = "123456789012", "us-east-1"
 DOCKERFILES = [REPO / "containers/training/Dockerfile", REPO / "containers/inference/Dockerfile"]
 REQUIRED_PARAMS = {"TrainingImageUri": "x", "InferenceImageUri": "x", "BaseModelS3Uri": "x"}
 

@@ -19,23 +19,20 @@ to these rules:
 The walk is fail-closed: a policy shape it does not recognize (a Policies entry of unknown
 form, an intrinsic it cannot read, a Statement anywhere it did not visit) is a violation.
 
-The second half runs the SAM translator (from .venv-tools) and applies the same rules to the
-roles SAM generates, including the AWS managed policies SAM attaches on its own
-(MANAGED_POLICY_ALLOWLIST)."""
+The second half runs the SAM translator (workflow_stack.sam_translated, the same transform the
+local IAM checks run on) and applies the same rules to the roles SAM generates, including the
+AWS managed policies SAM attaches on its own (MANAGED_POLICY_ALLOWLIST)."""
 
 import contextlib
 import copy
 import json
 import re
-import subprocess
-from pathlib import Path
+from importlib import resources
 
 import pytest
 
 from avatarflow import keys
-from avatarflow_local.workflow_stack import REPO_ROOT, TEMPLATE, load_template
-
-TOOLS_PYTHON = REPO_ROOT / ".venv-tools" / "bin" / "python"
+from avatarflow_local.workflow_stack import TEMPLATE, load_template, sam_translated
 
 # Actions that AWS only grants on Resource "*" (no resource-level permissions), and why we need them.
 RESOURCE_STAR_ONLY = {
@@ -379,12 +376,9 @@ def find_statements(node, path: str):
 
 def expand_sam_policy_template(name: str, params) -> dict:
     """A SAM policy template (e.g. S3ReadPolicy: {BucketName: ...}) as its policy document,
-    from the SAM translator's own definitions in .venv-tools."""
-    candidates = sorted((REPO_ROOT / ".venv-tools").glob("lib/python*/site-packages/samtranslator/"
-                                                          "policy_templates_data/policy_templates.json"))
-    if not candidates:
-        raise Unrecognized(f"SAM policy template {name}: no .venv-tools to expand it (run make tools)")
-    templates = json.loads(candidates[0].read_text())["Templates"]
+    from the SAM translator's own definitions (aws-sam-translator, in the dev lock)."""
+    data = resources.files("samtranslator") / "policy_templates_data" / "policy_templates.json"
+    templates = json.loads(data.read_text())["Templates"]
     if name not in templates:
         raise Unrecognized(f"{name} is not a SAM policy template")
     definition = templates[name]["Definition"]
@@ -418,48 +412,10 @@ def test_template_policies_are_least_privilege():
     assert not violations, report(violations)
 
 
-TRANSLATE = r"""
-import json, sys
-from samtranslator.translator.transform import transform
-from samtranslator.yaml_helper import yaml_parse
-
-class NoManagedPolicies:
-    def load(self):
-        return {}
-
-template = yaml_parse(open(sys.argv[1]).read())
-for name, res in template.get("Resources", {}).items():
-    props, kind = res.get("Properties", {}), res["Type"]
-    # What `sam validate` does: local code paths become S3 locations before translation.
-    if kind == "AWS::Serverless::Function":
-        if props.get("PackageType") == "Image":
-            props.setdefault("ImageUri", "123456789012.dkr.ecr.us-east-1.amazonaws.com/avatarflow:latest")
-        elif isinstance(props.get("CodeUri"), str):
-            props["CodeUri"] = "s3://bucket/" + name
-    elif kind == "AWS::Serverless::LayerVersion" and isinstance(props.get("ContentUri"), str):
-        props["ContentUri"] = "s3://bucket/" + name
-    elif kind == "AWS::Serverless::StateMachine" and isinstance(props.get("DefinitionUri"), str):
-        props["DefinitionUri"] = "s3://bucket/" + name
-json.dump(transform(template, {}, NoManagedPolicies()), sys.stdout, default=str)
-"""
-
-
-def translate(path: Path) -> dict:
-    if not TOOLS_PYTHON.exists():
-        pytest.skip("the SAM translator lives in .venv-tools: run `make tools`")
-    result = subprocess.run(
-        [str(TOOLS_PYTHON), "-c", TRANSLATE, str(path)],
-        capture_output=True, text=True, timeout=120,
-        env={"AWS_DEFAULT_REGION": "us-east-1", "PATH": "/usr/bin:/bin"},
-    )
-    assert result.returncode == 0, f"SAM translation failed:\n{result.stderr[-3000:]}"
-    return json.loads(result.stdout)
-
-
 def test_roles_generated_by_sam_are_least_privilege():
     """The same rules on the roles SAM writes for functions and the state machine, with the
     managed policies SAM attaches by itself (event sources, tracing)."""
-    translated = translate(TEMPLATE)
+    translated = copy.deepcopy(sam_translated(TEMPLATE))  # what the local IAM checks run on too
     roles = [n for n, r in translated["Resources"].items() if r["Type"] == "AWS::IAM::Role"]
     assert len(roles) >= 3, f"expected SAM-generated roles, found {roles}"
     violations = violations_of(translated)

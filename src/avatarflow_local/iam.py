@@ -319,7 +319,7 @@ class Enforcer:
     is checked for what that integration needs, not for lambda:InvokeFunction."""
 
     def __init__(self, roles: dict[str, list[dict]], state_machine_role: str, region: str, account: str,
-                 stand_ins: dict[str, Callable[[dict], list[Request]]] | None = None):
+                 stand_ins: dict[str, Callable[[dict, str, str], list[Request]]] | None = None):
         self.roles = roles
         self.state_machine_role = state_machine_role
         self.region = region
@@ -344,7 +344,7 @@ class Enforcer:
             name = params["FunctionName"].split(":function:")[-1].split(":")[0]
             if name in self.stand_ins:
                 payload = params.get("Payload") or b"{}"
-                return self.stand_ins[name](json.loads(payload))
+                return self.stand_ins[name](json.loads(payload), self.region, self.account)
         return requests_for(service, operation, params, self.region, self.account)
 
     def check(self, role: str, service: str, operation: str, requests: list[Request]) -> None:
@@ -415,19 +415,20 @@ _HOOKS = [
 ]
 
 
-def _register_everywhere() -> None:
+def register_everywhere(hooks: list[tuple]) -> None:
     """Every botocore session made from now on carries the hooks (as moto's own stubber
-    does); the current default session gets them too."""
-    for spec in _HOOKS:
+    does); the current default session gets them too. A hook is (event, handler) or
+    (event, handler, botocore.handlers.REGISTER_FIRST)."""
+    for spec in hooks:
         if spec not in botocore_handlers.BUILTIN_HANDLERS:
             botocore_handlers.BUILTIN_HANDLERS.append(spec)
     import boto3
 
     if boto3.DEFAULT_SESSION is not None:
         events = boto3.DEFAULT_SESSION._session.get_component("event_emitter")
-        for name, hook, *first in _HOOKS:
+        for name, hook, *first in hooks:
             register = events.register_first if first else events.register
-            register(name, hook, unique_id=f"avatarflow-iam-{name}")
+            register(name, hook, unique_id=f"avatarflow-{hook.__name__}-{name}")
 
 
 def _carry_context_into_s3transfer() -> None:
@@ -451,7 +452,7 @@ def _carry_context_into_s3transfer() -> None:
     Task.__init__, Task.__call__ = __init__, __call__
 
 
-_register_everywhere()
+register_everywhere(_HOOKS)
 _carry_context_into_s3transfer()
 
 

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 import boto3
-from botocore import handlers as botocore_handlers
 from botocore.exceptions import ClientError
 from botocore.response import StreamingBody
 
@@ -155,8 +154,7 @@ def _refuse_after_timeout(**_kwargs) -> None:
         raise RuntimeError(f"{invocation['function']} timed out: its sandbox is frozen, no more AWS calls")
 
 
-if ("before-call", _refuse_after_timeout) not in botocore_handlers.BUILTIN_HANDLERS:
-    botocore_handlers.BUILTIN_HANDLERS.append(("before-call", _refuse_after_timeout))
+iam.register_everywhere([("before-call", _refuse_after_timeout)])
 
 
 # Process variables an invocation inherits: the AWS SDK's (credentials, region, endpoint:

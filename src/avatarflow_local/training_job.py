@@ -235,25 +235,17 @@ def run_training_job(request: dict, s3=None) -> dict:
     }
 
 
-def iam_region() -> str:
-    return os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
-
-
-def iam_account() -> str:
-    return "123456789012"  # moto's default account, which the local stack's ARNs use
-
-
-def iam_requests(request: dict) -> list[iam.Request]:
+def iam_requests(request: dict, region: str, account: str) -> list[iam.Request]:
     """What the state machine's role must allow for createTrainingJob.sync (AWS: "IAM
     policies for calling Amazon SageMaker AI"): create, tag, pass the job's role, describe
     and stop the job, and the managed EventBridge rule the .sync pattern polls through."""
     params = {"TrainingJobName": request.get("TrainingJobName", ""), "RoleArn": request.get("RoleArn", ""),
               "Tags": request.get("Tags")}
-    found = iam.requests_for("sagemaker", "CreateTrainingJob", params, iam_region(), iam_account())
-    for operation in ("DescribeTrainingJob", "StopTrainingJob"):
-        found += iam.requests_for("sagemaker", operation, params, iam_region(), iam_account())
+    found = []
+    for operation in ("CreateTrainingJob", "DescribeTrainingJob", "StopTrainingJob"):
+        found += iam.requests_for("sagemaker", operation, params, region, account)
     for operation in ("PutTargets", "PutRule", "DescribeRule"):
-        found += iam.requests_for("events", operation, {"Name": SYNC_RULE}, iam_region(), iam_account())
+        found += iam.requests_for("events", operation, {"Name": SYNC_RULE}, region, account)
     return found
 
 

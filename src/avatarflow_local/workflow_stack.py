@@ -130,31 +130,6 @@ def render_definition(subs: dict[str, str], path: Path = DEFINITION) -> str:
     return rendered
 
 
-@dataclass
-class TrainingStack:
-    bucket: str
-    table: str
-    topic_arn: str
-    state_machine_arn: str
-    substitutions: dict = field(default_factory=dict)
-
-
-def create_training_stack(bucket: str = "avatarflow-local", name: str = "avatarflow-train-avatar",
-                          **overrides: str) -> TrainingStack:
-    """Bucket, registry table, topic and the state machine, like the template's (inside a moto mock)."""
-    s3 = boto3.client("s3", region_name=REGION)
-    s3.create_bucket(Bucket=bucket)
-    table = f"{name}-models"
-    _create_table(boto3.client("dynamodb", region_name=REGION), table,
-                  load_template()["Resources"]["ModelsTable"]["Properties"])
-    topic_arn = boto3.client("sns", region_name=REGION).create_topic(Name=f"{name}-notifications")["TopicArn"]
-    subs = local_substitutions(bucket, table, topic_arn, **overrides)
-    arn = boto3.client("stepfunctions", region_name=REGION).create_state_machine(
-        name=name, definition=render_definition(subs), roleArn=f"arn:aws:iam::{ACCOUNT}:role/{name}",
-    )["stateMachineArn"]
-    return TrainingStack(bucket, table, topic_arn, arn, subs)
-
-
 # --------------------------------------------------------------------------- the whole stack
 # The local runtime creates every resource the handlers touch from the template's own
 # declarations (table keys and indexes, queue redrive, bucket notifications, topics,
@@ -381,7 +356,6 @@ class LocalStackResources:
     state_machine_arn: str
     endpoint_name: str
     substitutions: dict
-    function_env: dict[str, dict[str, str]]
     event_sources: list[EventSource]
     http_routes: list[HttpRoute]
     cors: dict
@@ -537,7 +511,7 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
         inference_error_topic=phys["InferenceErrorTopic"]["Ref"],
         upload_queue_url=phys["UploadQueue"]["Ref"], state_machine_arn=machine_arn,
         endpoint_name=phys["InferenceEndpoint"]["EndpointName"], substitutions=subs,
-        function_env=function_env, event_sources=sources, http_routes=routes, cors=cors, physical=phys,
+        event_sources=sources, http_routes=routes, cors=cors, physical=phys,
         throttle=http_api_throttle(template, parameters), authorizers=api_auth.authorizers,
     )
 

@@ -102,6 +102,7 @@ def local_substitutions(bucket: str, table: str, topic_arn: str, **overrides: st
         "MixedPrecision": "no",
         "MinImages": "8",
         "SettleSeconds": "1",
+        "QueuePollSeconds": "1",
     }
     subs = {}
     for key, source in definition_substitution_keys(template).items():
@@ -236,12 +237,13 @@ class EventSource:
     """A function's `Events` entry of type SQS or SNS, resolved (queue URL / topic ARN)."""
 
     function: str  # functions/<folder>
-    kind: str  # "SQS" | "SNS"
+    kind: str  # "SQS" | "SNS" | "EventBridge"
     source_arn: str
     queue_url: str | None = None
     batch_size: int = 10
     batching_window_s: float = 0.0
     report_batch_item_failures: bool = False
+    pattern: dict | None = None  # EventBridge: the rule's event pattern, resolved
 
 
 @dataclass
@@ -485,6 +487,10 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
                 sources.append(EventSource(folder, "SNS", res.resolve(props["Topic"])))
             elif event["Type"] == "HttpApi":
                 routes.append(http_route(props, api_auth))
+            elif event["Type"] in ("EventBridgeRule", "CloudWatchEvent"):
+                # The rule's bus is the account's default bus (no EventBusName locally).
+                sources.append(EventSource(folder, "EventBridge", "default",
+                                           pattern=res.resolve(props["Pattern"])))
     for spec in _resources_of(template, "AWS::Lambda::EventSourceMapping").values():
         props = res.resolve(spec["Properties"])
         url = next((p["Ref"] for p in phys.values() if p.get("Arn") == props["EventSourceArn"]), None)

@@ -9,13 +9,19 @@ whoever polls first after a release wins, so one user's tenth batch can overtake
 user's first. Here waiting executions are also written to an ordered waiting list, and a
 free slot may only be taken by the head of the *fair order*:
 
-  rank(entry) = the slots its user holds + the user's entries waiting ahead of it;
+  rank(entry) = the slots its user held + the user's entries waiting, when it joined;
   order       = by (rank, enqueued_at).
 
 So every user's first batch goes before anyone's second (round-robin across users), and
-within a rank the earlier arrival goes first. The limit stays exact under races: the slot
-is taken in one transaction with the lock item's condition `count < limit` and the waiting
-entry's deletion; a loser simply waits for its next poll.
+within a rank the earlier arrival goes first. The rank is fixed when the batch joins: a
+user's second batch stays behind other users' first ones even after the user's first has
+finished (recomputing it then would let it jump back ahead of batches that came later but
+are someone's first). The price: in sustained overload a second batch waits until no first
+batch is waiting (documented in docs/architecture.md, "Training queue").
+
+The limit stays exact under races: the slot is taken in one transaction with the lock
+item's condition `count < limit` and the waiting entry's deletion; a loser simply waits for
+its next poll.
 
 Table (TrainingQueueTable, keys `queue` + `entry`):
   queue "slots",   entry "lock":  count, holders {execution_arn: {user_id, batch_id, since}}
@@ -59,6 +65,7 @@ class Waiting:
     batch_id: str
     execution_arn: str
     enqueued_at: str
+    rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,17 +83,14 @@ class Place:
                 "estimated_wait_seconds": self.estimated_wait_seconds}
 
 
-def fair_order(waiting: list[Waiting], holders: dict[str, dict]) -> list[Waiting]:
+def rank_of(user_id: str, waiting: list[Waiting], holders: dict[str, dict]) -> int:
+    """A joining batch's rank: the slots its user holds + the user's batches already waiting."""
+    return sum(h["user_id"] == user_id for h in holders.values()) + sum(w.user_id == user_id for w in waiting)
+
+
+def fair_order(waiting: list[Waiting]) -> list[Waiting]:
     """The waiting entries in the order slots are granted (see the module docstring)."""
-    per_user: dict[str, int] = {}
-    for holder in holders.values():
-        per_user[holder["user_id"]] = per_user.get(holder["user_id"], 0) + 1
-    ranked = []
-    for item in sorted(waiting, key=lambda w: w.entry):
-        rank = per_user.get(item.user_id, 0)
-        per_user[item.user_id] = rank + 1
-        ranked.append((rank, item.entry, item))
-    return [item for _, _, item in sorted(ranked, key=lambda r: (r[0], r[1]))]
+    return sorted(waiting, key=lambda w: (w.rank, w.entry))
 
 
 def estimate_wait(index: int, limit: int, holders: dict[str, dict], mean_job_s: float, now: float) -> int:
@@ -134,8 +138,8 @@ class TrainingQueue:
             start = page.get("LastEvaluatedKey")
             if not start:
                 break
-        return [Waiting(i["entry"], i["user_id"], i["batch_id"], i["execution_arn"], i["enqueued_at"])
-                for i in items]
+        return [Waiting(i["entry"], i["user_id"], i["batch_id"], i["execution_arn"], i["enqueued_at"],
+                        int(i.get("rank", 0))) for i in items]
 
     def place_of(self, execution_arn: str) -> Place | None:
         """Where an execution stands now (None: neither holding nor waiting)."""
@@ -143,7 +147,7 @@ class TrainingQueue:
         holders = lock.get("holders", {})
         if execution_arn in holders:
             return Place(acquired=True)
-        order = fair_order(self.waiting(), holders)
+        order = fair_order(self.waiting())
         for index, item in enumerate(order):
             if item.execution_arn == execution_arn:
                 wait = estimate_wait(index, self.limit, holders, self.mean_job_seconds(), time.time())
@@ -154,14 +158,14 @@ class TrainingQueue:
         """The whole queue, for operators: holders and the waiting list in grant order."""
         lock = self.lock()
         holders = lock.get("holders", {})
-        order = fair_order(self.waiting(), holders)
+        order = fair_order(self.waiting())
         mean = self.mean_job_seconds()
         now = time.time()
         return {
             "limit": self.limit,
             "running": [{"execution_arn": arn, **h} for arn, h in sorted(holders.items())],
             "waiting": [{"position": i + 1, "user_id": w.user_id, "batch_id": w.batch_id,
-                         "execution_arn": w.execution_arn, "enqueued_at": w.enqueued_at,
+                         "execution_arn": w.execution_arn, "enqueued_at": w.enqueued_at, "rank": w.rank,
                          "estimated_wait_seconds": estimate_wait(i, self.limit, holders, mean, now)}
                         for i, w in enumerate(order)],
             "mean_job_seconds": round(mean),
@@ -192,12 +196,13 @@ class TrainingQueue:
         first_time = mine is None
         if mine is None:
             enqueued = now_iso()
-            mine = Waiting(f"{enqueued}#{execution_arn}", user_id, batch_id, execution_arn, enqueued)
+            rank = rank_of(user_id, waiting, holders)
+            mine = Waiting(f"{enqueued}#{execution_arn}", user_id, batch_id, execution_arn, enqueued, rank)
             self.table.put_item(Item={"queue": WAITING, "entry": mine.entry, "user_id": user_id,
                                       "batch_id": batch_id, "execution_arn": execution_arn,
-                                      "enqueued_at": enqueued})
+                                      "enqueued_at": enqueued, "rank": rank})
             waiting.append(mine)
-        order = fair_order(waiting, holders)
+        order = fair_order(waiting)
         index = next(i for i, w in enumerate(order) if w.execution_arn == execution_arn)
         if index < self.limit - int(lock.get("count", 0)) and self._take(mine):
             return Place(acquired=True, first_time=first_time)

@@ -7,6 +7,7 @@ bench/bench_queue.py, which drive the real state machine through it."""
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -50,10 +51,12 @@ class QueueWorld:
         name and input), without waiting for the SQS event source."""
         boto3.client("s3").put_object(Bucket=self.stack.bucket, Key=f"uploads/{user_id}/{batch_id}/p.jpg",
                                       Body=self.photo)
-        event = {"Records": [{"messageId": f"{user_id}-{batch_id}", "receiptHandle": "r", "body":
-                              '{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "'
-                              + self.stack.bucket + f'"}}, "object": {{"key": "uploads/{user_id}/{batch_id}/p.jpg"}}}}}}]}}',
-                              "attributes": {}, "messageAttributes": {}, "md5OfBody": "", "eventSource": "aws:sqs",
+        key = f"uploads/{user_id}/{batch_id}/p.jpg"
+        body = {"Records": [{"eventName": "ObjectCreated:Put",
+                             "s3": {"bucket": {"name": self.stack.bucket}, "object": {"key": key}}}]}
+        event = {"Records": [{"messageId": f"{user_id}-{batch_id}", "receiptHandle": "r",
+                              "body": json.dumps(body), "attributes": {}, "messageAttributes": {},
+                              "md5OfBody": "", "eventSource": "aws:sqs",
                               "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:uploads",
                               "awsRegion": "us-east-1"}]}
         result, error = self.hook.invoke("on_upload", event)

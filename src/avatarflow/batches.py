@@ -59,3 +59,37 @@ def photo_verdicts(dataset: dict) -> list[dict]:
             entry["reason"] = str(item["reason"])
         photos.append(entry)
     return photos
+
+
+def view(batch_id: str, row: dict | None, model: dict | None, place, total_steps: int | None) -> dict | None:
+    """GET /users/{u}/batches/{batch_id}: the batch row, the registry row (ready/failed are
+    the registry's word), and the live place in the queue (`place`: a training_queue.Place,
+    None when the batch is not in the queue). None when neither row exists."""
+    if row is None and model is None:
+        return None
+    row = row or {}
+    stage = row.get("stage", SETTLING)
+    status = (model or {}).get("status")
+    if status == "READY":
+        stage = READY
+    elif status == "FAILED":
+        stage = FAILED
+    queue = None
+    if stage == QUEUED and place is not None and not place.acquired:
+        queue = {"position": place.position, "estimated_wait_seconds": place.estimated_wait_seconds}
+    photos = row.get("photos")
+    if photos is None:
+        photos = [{"name": name, "verdict": "pending"} for name in sorted(row.get("pending_photos", ()))]
+    result = {
+        "batch_id": batch_id,
+        "stage": stage,
+        "queue": queue,
+        # The step is not reported: SageMaker exposes the trainer's step metric only through
+        # CloudWatch (train:step), which the API does not read; the total is the job's setting.
+        "training": {"step": None, "total_steps": total_steps} if stage == TRAINING else None,
+        "photos": [{k: str(v) for k, v in p.items()} for p in photos],
+        "updated_at": max(filter(None, (row.get("updated_at"), (model or {}).get("updated_at")))),
+    }
+    if stage == READY:
+        result["model_version"] = (model or {}).get("version", batch_id)
+    return result

@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE ?= 1
 export SAM_CLI_TELEMETRY ?= 0
 export AWS_DEFAULT_REGION ?= us-east-1
 
-.PHONY: install tools lock test test-fast lint validate bench-intake bench-train bench-infer bench-gpu bench fuzz soak demo up clean
+.PHONY: install tools lock test test-fast lint validate bench-intake bench-train bench-infer bench-gpu bench-queue bench fuzz soak demo up clean
 
 # The CPU build of torch (lock/dev.txt pins 2.13.0+cpu) is not on PyPI. Where pip has no
 # find-links folder configured that holds it, take it from PyTorch's CPU index.
@@ -97,6 +97,12 @@ bench-intake: install
 
 bench-train: install
 	$(PY) bench/bench_train.py
+
+# The training queue at scale (bench/bench_queue.py, docs/benchmarks.md#training-queue): 200
+# batches from 50 users against a limit of 4 through the real state machine with stand-in jobs,
+# then the on-paper projection for 10,000 batches a day. BENCH_QUEUE_ARGS: see --help.
+bench-queue: install
+	$(PY) bench/bench_queue.py $(BENCH_QUEUE_ARGS)
 
 bench-infer: install
 	$(PY) bench/bench_infer.py

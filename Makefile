@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TOOLS_VENV ?= .venv-tools
 CHECKOV_VENV ?= .venv-checkov
+OPS_VENV ?= .venv-ops
 PY := $(VENV)/bin/python
 TOOLS := $(TOOLS_VENV)/bin
 ASL_TOOL := tools/asl
@@ -39,7 +40,7 @@ $(VENV)/.installed: lock/dev.txt
 	touch $@
 
 # Linters that pin their own versions of shared libraries live apart from the runtime deps.
-tools: $(TOOLS_VENV)/.installed $(CHECKOV_VENV)/.installed $(ASL_TOOL)/node_modules/.installed
+tools: $(TOOLS_VENV)/.installed $(CHECKOV_VENV)/.installed $(OPS_VENV)/.installed $(ASL_TOOL)/node_modules/.installed
 
 $(TOOLS_VENV)/.installed: lock/tools.txt
 	test -x $(TOOLS)/python || $(PYTHON) -m venv $(TOOLS_VENV)
@@ -52,6 +53,14 @@ $(CHECKOV_VENV)/.installed: lock/checkov.txt
 	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
 	$(CHECKOV_VENV)/bin/python $(PIP_FROM_LOCK) -r lock/checkov.txt
 	$(PYTHON) scripts/lock.py --check-installed checkov --python $(CHECKOV_VENV)/bin/python
+	touch $@
+
+# The operator CLI (python -m avatarflow_ops): sagemaker-core pins importlib-metadata<7 and
+# rich<15, older than the dev venv's, so it gets a venv of its own; tests/test_ops_cli.py runs it.
+$(OPS_VENV)/.installed: lock/ops.txt
+	test -x $(OPS_VENV)/bin/python || $(PYTHON) -m venv $(OPS_VENV)
+	$(OPS_VENV)/bin/python $(PIP_FROM_LOCK) -r lock/ops.txt
+	$(PYTHON) scripts/lock.py --check-installed ops --python $(OPS_VENV)/bin/python
 	touch $@
 
 # AWS's Amazon States Language service (npm amazon-states-language-service, what the AWS

@@ -507,6 +507,8 @@ def test_openapi_document_is_up_to_date(api):
         "/users/{user_id}/generations/{generation_id}",
         "/users/{user_id}",
         "/users/{user_id}/deletion",
+        "/users/{user_id}/batches",
+        "/users/{user_id}/batches/{batch_id}",
     }
 
 

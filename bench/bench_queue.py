@@ -110,8 +110,16 @@ def simulate(batches: int, users: int, limit: int, job_s: tuple[float, float], s
         snapshot = world.queue().snapshot()
 
     statuses = {}
-    for desc in done.values():
+    failures: dict[str, int] = {}
+    for arn, desc in done.items():
         statuses[desc["status"]] = statuses.get(desc["status"], 0) + 1
+        if desc["status"] != "SUCCEEDED":
+            failed = [e.get("taskFailedEventDetails") or e.get("lambdaFunctionFailedEventDetails") or {}
+                      for e in histories[arn] if e["type"] in ("TaskFailed", "LambdaFunctionFailed",
+                                                               "TaskTimedOut")]
+            first = failed[0] if failed else {}
+            key = f"{first.get('error')}: {str(first.get('cause'))[:160]}"
+            failures[key] = failures.get(key, 0) + 1
     # Concurrency from the jobs' own start/end marks (a second count, beside the stand-in's).
     marks = sorted([(j["started"], 1) for j in jobs] + [(j["ended"], -1) for j in jobs])
     running = most = 0
@@ -126,7 +134,13 @@ def simulate(batches: int, users: int, limit: int, job_s: tuple[float, float], s
         granted = [e for e in entered if e["stateEnteredEventDetails"]["name"] == "MarkTraining"]
         released = [e for e in entered if e["stateEnteredEventDetails"]["name"] == "ReleaseSlot"]
         user, batch = arns[arn]
+        # The first AcquireSlot's answer (the Lambda payload, before the ResultSelector): the
+        # rank the batch joined the line with, and when its waiting entry surely existed.
+        answers = [e for e in events if e["type"] == "TaskSucceeded"
+                   and '"acquired"' in e["taskSucceededEventDetails"].get("output", "")]
+        first = json.loads(answers[0]["taskSucceededEventDetails"]["output"])["Payload"] if answers else {}
         records.append({
+            "rank": first.get("rank"), "joined": answers[0]["timestamp"].timestamp() if answers else None,
             "user": user, "batch": batch, "transitions": len(entered), "polls": len(acquires),
             "enqueued": acquires[0]["timestamp"].timestamp() if acquires else None,
             "granted": granted[0]["timestamp"].timestamp() if granted else None,
@@ -136,7 +150,8 @@ def simulate(batches: int, users: int, limit: int, job_s: tuple[float, float], s
     violations = fairness_violations(records)
     return {
         "batches": len(arrivals), "users": users, "limit": limit, "job_seconds": list(job_s), "seed": seed,
-        "start_errors": starter_errors, "statuses": statuses, "peak_running_stand_in": peak,
+        "start_errors": starter_errors, "statuses": statuses, "failures": failures,
+        "peak_running_stand_in": peak,
         "peak_running_from_job_marks": most, "fairness_violations": violations,
         "queue_left": {"running": len(snapshot["running"]), "waiting": len(snapshot["waiting"])},
         "wall_seconds": round(wall, 1),
@@ -153,20 +168,17 @@ def simulate(batches: int, users: int, limit: int, job_s: tuple[float, float], s
     }
 
 
-def fairness_violations(records: list[dict], tolerance_s: float = 1.0) -> list[dict]:
-    """A batch granted a slot while a lower-rank batch (rank: the user's batches queued or
-    training when it joined) had been waiting for more than `tolerance_s` and was still
-    waiting. The tolerance covers the moments between a batch's AcquireSlot starting and its
-    waiting entry being written."""
-    queued = [r for r in records if r["enqueued"] and r["granted"]]
-    for r in queued:
-        r["rank"] = sum(1 for o in queued if o["user"] == r["user"] and o["enqueued"] < r["enqueued"]
-                        and (o["released"] or float("inf")) > r["enqueued"])
+def fairness_violations(records: list[dict], poll_s: float = 1.0) -> list[dict]:
+    """Batch x granted a slot while batch y of a lower rank (the rank each joined the line
+    with, from the queue's own answer) was already in line, and y then waited on for more
+    than a poll interval (+1 s): y was passed over, not just granted in the same round (when
+    several slots free at once, whoever polls first of the entitled batches takes one)."""
+    queued = [r for r in records if r["joined"] and r["granted"] and r["rank"] is not None]
     found = []
     for x in queued:
         for y in queued:
-            waited = y["enqueued"] < x["granted"] - tolerance_s
-            if y["rank"] < x["rank"] and waited and y["granted"] > x["granted"]:
+            waited = y["joined"] < x["granted"]
+            if y["rank"] < x["rank"] and waited and y["granted"] > x["granted"] + poll_s + 1:
                 found.append({"granted": f"{x['user']}/{x['batch']} (rank {x['rank']})",
                               "while_waiting": f"{y['user']}/{y['batch']} (rank {y['rank']})"})
     return found

@@ -77,10 +77,11 @@ class Place:
     position: int | None = None
     estimated_wait_seconds: int | None = None
     first_time: bool = False
+    rank: int | None = None  # the rank it joined the line with (None: it never waited)
 
     def as_dict(self) -> dict:
         return {"acquired": self.acquired, "position": self.position,
-                "estimated_wait_seconds": self.estimated_wait_seconds}
+                "estimated_wait_seconds": self.estimated_wait_seconds, "rank": self.rank}
 
 
 def rank_of(user_id: str, waiting: list[Waiting], holders: dict[str, dict]) -> int:
@@ -125,7 +126,8 @@ class TrainingQueue:
 
     def mean_job_seconds(self) -> float:
         item = self.table.get_item(Key={"queue": SLOTS, "entry": STATS}, ConsistentRead=True).get("Item")
-        return float(item["mean_job_seconds"]) if item else float(self.default_job_seconds)
+        return float(item["mean_job_seconds"]) if item and "mean_job_seconds" in item else \
+            float(self.default_job_seconds)
 
     def waiting(self) -> list[Waiting]:
         items, start = [], None
@@ -205,9 +207,10 @@ class TrainingQueue:
         order = fair_order(waiting)
         index = next(i for i, w in enumerate(order) if w.execution_arn == execution_arn)
         if index < self.limit - int(lock.get("count", 0)) and self._take(mine):
-            return Place(acquired=True, first_time=first_time)
+            return Place(acquired=True, first_time=first_time, rank=mine.rank)
         wait = estimate_wait(index, self.limit, holders, self.mean_job_seconds(), time.time())
-        return Place(acquired=False, position=index + 1, estimated_wait_seconds=wait, first_time=first_time)
+        return Place(acquired=False, position=index + 1, estimated_wait_seconds=wait, first_time=first_time,
+                     rank=mine.rank)
 
     def _take(self, mine: Waiting) -> bool:
         """One transaction: count < limit and not yet a holder -> count + 1, holder added,

@@ -17,7 +17,7 @@ from pathlib import Path
 import boto3
 import yaml
 
-from avatarflow_local import iam, training_job
+from avatarflow_local import iam, moto_strict, training_job
 from avatarflow_local.functions import REPO_ROOT
 from avatarflow_local.lambda_hook import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, FunctionSpec, function_name_of
 
@@ -398,6 +398,7 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
     res = TemplateResolver(template, stack_name, parameters)
     phys = res.physical
     arn = f"{REGION}:{ACCOUNT}"
+    moto_strict.install()  # DynamoDB requests atomic, as on AWS (the queue's semaphore relies on it)
 
     ddb = boto3.client("dynamodb", region_name=REGION)
     for lid, spec in _resources_of(template, "AWS::DynamoDB::Table").items():

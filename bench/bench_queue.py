@@ -4,8 +4,8 @@
 avatarflow_local.queue_world: the stack from template.yaml in moto, every handler run as
 Lambda with its role, the real ASL executed by moto's interpreter, and stand-in training jobs
 (training_job.STAND_IN: no torch) of chosen durations. Time is compressed: QueuePollSeconds is
-1 s locally where the template's default is 60 s, so 1 local second stands for 1 minute and a
-job of 3-6 local seconds for a 3-6 minute job... at the scale of the poll.
+1 s locally where the template's default is 60 s, so 1 local second stands for 1 minute: a
+job of 2-4 local seconds (the default) stands for a 2-4 minute job at the scale of the poll.
 
 Checks (the run fails otherwise): no execution fails, never more than `limit` jobs at once
 (the stand-in counts them), fair order (no batch of a higher rank -- a user's later batch --
@@ -261,7 +261,7 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--users", type=int, default=50)
     parser.add_argument("--limit", type=int, default=4)
-    parser.add_argument("--job-seconds", type=float, nargs=2, default=(3.0, 6.0), metavar=("MIN", "MAX"))
+    parser.add_argument("--job-seconds", type=float, nargs=2, default=(2.0, 4.0), metavar=("MIN", "MAX"))
     parser.add_argument("--seed", type=int, default=18)
     parser.add_argument("--json", type=Path, default=REPO / "out" / "bench_queue.json")
     parser.add_argument("--paper-only", action="store_true", help="only the on-paper projection")

@@ -14,7 +14,14 @@ import pytest
 import unit_stack
 
 from avatarflow import notifications
-from avatarflow.training_queue import Waiting, estimate_wait, fair_order, rank_of
+from avatarflow.training_queue import (
+    PROVISIONAL_RANK,
+    TrainingQueue,
+    Waiting,
+    estimate_wait,
+    fair_order,
+    rank_of,
+)
 from avatarflow_local.event_sources import execution_status_event, matches
 from avatarflow_local.workflow_stack import ACCOUNT, REGION
 
@@ -143,3 +150,19 @@ def test_the_queued_email_gives_place_and_wait_in_plain_words():
     assert "batch b7" in text["subject"] and "place 3 in line" in text["message"]
     assert "about 25 minutes" in text["message"] and "GET /users/ann/batches/b7" in text["message"]
     assert "about 3 hours" in notifications.queued("ann", "b7", 40, 3 * 3600)["message"]
+
+
+def test_two_batches_of_one_user_joining_at_once_never_both_rank_first(stack):
+    """The race the workflow test once lost: ann's b1 has written its waiting entry but not yet
+    ranked it (another Lambda, mid-call) when b2 joins. b2 must count b1; b1, ranking itself
+    after, must not count b2 (b2's entry is later)."""
+    table = boto3.resource("dynamodb").Table(stack.resources.physical["TrainingQueueTable"]["Ref"])
+    queue = TrainingQueue(table, 1, 600)
+    assert queue.acquire("zed", "b0", _arn("zed-b0")).acquired  # the one slot is taken
+    table.put_item(Item={"queue": "waiting", "entry": f"2000-01-01T00:00:00.000+00:00#{_arn('ann-b1')}",
+                         "user_id": "ann", "batch_id": "b1", "execution_arn": _arn("ann-b1"),
+                         "enqueued_at": "2000-01-01T00:00:00.000+00:00", "rank": PROVISIONAL_RANK})
+    assert queue.acquire("ann", "b2", _arn("ann-b2")).rank == 1
+    assert queue.acquire("bob", "b1", _arn("bob-b1")).rank == 0
+    # bob's first goes before ann's second; ann's first (still provisional) sorts last for now.
+    assert [w.execution_arn for w in fair_order(queue.waiting())][:2] == [_arn("bob-b1"), _arn("ann-b2")]

@@ -9,7 +9,7 @@ whoever polls first after a release wins, so one user's tenth batch can overtake
 user's first. Here waiting executions are also written to an ordered waiting list, and a
 free slot may only be taken by the head of the *fair order*:
 
-  rank(entry) = the slots its user held + the user's entries waiting, when it joined;
+  rank(entry) = the slots its user held + the user's entries already waiting, when it joined;
   order       = by (rank, enqueued_at).
 
 So every user's first batch goes before anyone's second (round-robin across users), and
@@ -46,6 +46,8 @@ SLOTS = "slots"
 WAITING = "waiting"
 LOCK = "lock"
 STATS = "stats"
+# The rank a waiting entry has for the moment between its write and its ranking (sorts last).
+PROVISIONAL_RANK = 1_000_000
 # Weight of the newest job in the moving average of job durations (the wait estimate).
 ESTIMATE_WEIGHT = 0.2
 
@@ -80,8 +82,12 @@ class Place:
     rank: int | None = None  # the rank it joined the line with (None: it never waited)
 
     def as_dict(self) -> dict:
-        return {"acquired": self.acquired, "position": self.position,
-                "estimated_wait_seconds": self.estimated_wait_seconds, "rank": self.rank}
+        return {
+            "acquired": self.acquired,
+            "position": self.position,
+            "estimated_wait_seconds": self.estimated_wait_seconds,
+            "rank": self.rank,
+        }
 
 
 def rank_of(user_id: str, waiting: list[Waiting], holders: dict[str, dict]) -> int:
@@ -126,8 +132,11 @@ class TrainingQueue:
 
     def mean_job_seconds(self) -> float:
         item = self.table.get_item(Key={"queue": SLOTS, "entry": STATS}, ConsistentRead=True).get("Item")
-        return float(item["mean_job_seconds"]) if item and "mean_job_seconds" in item else \
-            float(self.default_job_seconds)
+        return (
+            float(item["mean_job_seconds"])
+            if item and "mean_job_seconds" in item
+            else float(self.default_job_seconds)
+        )
 
     def waiting(self) -> list[Waiting]:
         items, start = [], None
@@ -140,8 +149,17 @@ class TrainingQueue:
             start = page.get("LastEvaluatedKey")
             if not start:
                 break
-        return [Waiting(i["entry"], i["user_id"], i["batch_id"], i["execution_arn"], i["enqueued_at"],
-                        int(i.get("rank", 0))) for i in items]
+        return [
+            Waiting(
+                i["entry"],
+                i["user_id"],
+                i["batch_id"],
+                i["execution_arn"],
+                i["enqueued_at"],
+                int(i.get("rank", 0)),
+            )
+            for i in items
+        ]
 
     def place_of(self, execution_arn: str) -> Place | None:
         """Where an execution stands now (None: neither holding nor waiting)."""
@@ -166,10 +184,18 @@ class TrainingQueue:
         return {
             "limit": self.limit,
             "running": [{"execution_arn": arn, **h} for arn, h in sorted(holders.items())],
-            "waiting": [{"position": i + 1, "user_id": w.user_id, "batch_id": w.batch_id,
-                         "execution_arn": w.execution_arn, "enqueued_at": w.enqueued_at, "rank": w.rank,
-                         "estimated_wait_seconds": estimate_wait(i, self.limit, holders, mean, now)}
-                        for i, w in enumerate(order)],
+            "waiting": [
+                {
+                    "position": i + 1,
+                    "user_id": w.user_id,
+                    "batch_id": w.batch_id,
+                    "execution_arn": w.execution_arn,
+                    "enqueued_at": w.enqueued_at,
+                    "rank": w.rank,
+                    "estimated_wait_seconds": estimate_wait(i, self.limit, holders, mean, now),
+                }
+                for i, w in enumerate(order)
+            ],
             "mean_job_seconds": round(mean),
         }
 
@@ -178,7 +204,7 @@ class TrainingQueue:
         self.table.update_item(
             Key={"queue": SLOTS, "entry": LOCK},
             UpdateExpression="SET #count = if_not_exists(#count, :zero),"
-                             " holders = if_not_exists(holders, :none)",
+            " holders = if_not_exists(holders, :none)",
             ExpressionAttributeNames={"#count": "count"},
             ExpressionAttributeValues={":zero": 0, ":none": {}},
         )
@@ -197,43 +223,90 @@ class TrainingQueue:
         mine = next((w for w in waiting if w.execution_arn == execution_arn), None)
         first_time = mine is None
         if mine is None:
-            enqueued = now_iso()
-            rank = rank_of(user_id, waiting, holders)
-            mine = Waiting(f"{enqueued}#{execution_arn}", user_id, batch_id, execution_arn, enqueued, rank)
-            self.table.put_item(Item={"queue": WAITING, "entry": mine.entry, "user_id": user_id,
-                                      "batch_id": batch_id, "execution_arn": execution_arn,
-                                      "enqueued_at": enqueued, "rank": rank})
-            waiting.append(mine)
+            mine, waiting, holders, lock = self._join(user_id, batch_id, execution_arn)
         order = fair_order(waiting)
         index = next(i for i, w in enumerate(order) if w.execution_arn == execution_arn)
         if index < self.limit - int(lock.get("count", 0)) and self._take(mine):
             return Place(acquired=True, first_time=first_time, rank=mine.rank)
         wait = estimate_wait(index, self.limit, holders, self.mean_job_seconds(), time.time())
-        return Place(acquired=False, position=index + 1, estimated_wait_seconds=wait, first_time=first_time,
-                     rank=mine.rank)
+        return Place(
+            acquired=False,
+            position=index + 1,
+            estimated_wait_seconds=wait,
+            first_time=first_time,
+            rank=mine.rank,
+        )
+
+    def _join(self, user_id: str, batch_id: str, execution_arn: str):
+        """Write the waiting entry first, then rank it from what is there after the write: a
+        batch of the same user joining at the same moment sees this entry (and this one sees
+        it, if it was written earlier), so two batches of one user never both get rank 0. The
+        list is read before the lock item: a batch moving from the list to a slot in between
+        is counted twice (ranked later), never missed. Until its rank is written the entry
+        sorts last (PROVISIONAL_RANK): at worst it waits one more poll."""
+        enqueued = now_iso()
+        entry = f"{enqueued}#{execution_arn}"
+        self.table.put_item(
+            Item={
+                "queue": WAITING,
+                "entry": entry,
+                "user_id": user_id,
+                "batch_id": batch_id,
+                "execution_arn": execution_arn,
+                "enqueued_at": enqueued,
+                "rank": PROVISIONAL_RANK,
+            }
+        )
+        waiting = self.waiting()
+        lock = self.lock()
+        holders = lock.get("holders", {})
+        rank = sum(h["user_id"] == user_id for h in holders.values()) + sum(
+            w.user_id == user_id and w.entry < entry for w in waiting
+        )
+        self.table.update_item(
+            Key={"queue": WAITING, "entry": entry},
+            UpdateExpression="SET #rank = :rank",
+            ConditionExpression="attribute_exists(execution_arn)",
+            ExpressionAttributeNames={"#rank": "rank"},
+            ExpressionAttributeValues={":rank": rank},
+        )
+        mine = Waiting(entry, user_id, batch_id, execution_arn, enqueued, rank)
+        return mine, [w for w in waiting if w.entry != entry] + [mine], holders, lock
 
     def _take(self, mine: Waiting) -> bool:
         """One transaction: count < limit and not yet a holder -> count + 1, holder added,
         waiting entry deleted. False when another execution won the slot meanwhile."""
         client = self.table.meta.client
         try:
-            client.transact_write_items(TransactItems=[
-                {"Update": {
-                    "TableName": self.table.name,
-                    "Key": {"queue": SLOTS, "entry": LOCK},
-                    "UpdateExpression": "SET #count = #count + :one, holders.#me = :holder",
-                    "ConditionExpression": "#count < :limit AND attribute_not_exists(holders.#me)",
-                    "ExpressionAttributeNames": {"#count": "count", "#me": mine.execution_arn},
-                    "ExpressionAttributeValues": {
-                        ":one": 1, ":limit": self.limit,
-                        ":holder": {"user_id": mine.user_id, "batch_id": mine.batch_id, "since": now_iso()}},
-                }},
-                {"Delete": {
-                    "TableName": self.table.name,
-                    "Key": {"queue": WAITING, "entry": mine.entry},
-                    "ConditionExpression": "attribute_exists(execution_arn)",
-                }},
-            ])
+            client.transact_write_items(
+                TransactItems=[
+                    {
+                        "Update": {
+                            "TableName": self.table.name,
+                            "Key": {"queue": SLOTS, "entry": LOCK},
+                            "UpdateExpression": "SET #count = #count + :one, holders.#me = :holder",
+                            "ConditionExpression": "#count < :limit AND attribute_not_exists(holders.#me)",
+                            "ExpressionAttributeNames": {"#count": "count", "#me": mine.execution_arn},
+                            "ExpressionAttributeValues": {
+                                ":one": 1,
+                                ":limit": self.limit,
+                                ":holder": {
+                                    "user_id": mine.user_id,
+                                    "batch_id": mine.batch_id,
+                                    "since": now_iso(),
+                                },
+                            },
+                        }
+                    },
+                    {
+                        "Delete": {
+                            "TableName": self.table.name,
+                            "Key": {"queue": WAITING, "entry": mine.entry},
+                            "ConditionExpression": "attribute_exists(execution_arn)",
+                        }
+                    },
+                ]
+            )
         except ClientError as err:
             if err.response["Error"]["Code"] == "TransactionCanceledException":
                 return False

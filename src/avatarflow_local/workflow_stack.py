@@ -17,7 +17,7 @@ from pathlib import Path
 import boto3
 import yaml
 
-from avatarflow_local import iam, training_job
+from avatarflow_local import atomic_items, iam, training_job
 from avatarflow_local.functions import REPO_ROOT
 from avatarflow_local.lambda_hook import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, FunctionSpec, function_name_of
 
@@ -136,6 +136,7 @@ def render_definition(subs: dict[str, str], path: Path = DEFINITION) -> str:
 # function environments and event sources), so a change to template.yaml shows up locally.
 
 NO_VALUE = {"Ref": "AWS::NoValue"}  # a property or list item CloudFormation drops
+_DROPPED = type("NoValue", (), {"__repr__": lambda self: "AWS::NoValue"})()  # what NO_VALUE resolves to
 PSEUDO_PARAMETERS = {"AWS::AccountId": ACCOUNT, "AWS::Region": REGION, "AWS::Partition": "aws",
                      "AWS::URLSuffix": "amazonaws.com"}
 
@@ -154,6 +155,8 @@ class TemplateResolver:
         self.physical: dict[str, dict[str, str]] = {}
 
     def ref(self, name: str) -> str:
+        if name == "AWS::NoValue":  # dropped from the list or mapping holding it (also via Fn::If)
+            return _DROPPED
         if name == "AWS::StackName":
             return self.stack_name
         if name in PSEUDO_PARAMETERS:
@@ -185,7 +188,7 @@ class TemplateResolver:
                 return all(self._condition(a) for a in arg)
             if fn == "Fn::Or":
                 return any(self._condition(a) for a in arg)
-            if fn == "Condition":
+            if fn in ("Condition", "Fn::Condition"):  # !Condition reads as Fn::Condition here
                 return self.condition(arg)
         return self.resolve(value)
 
@@ -225,9 +228,10 @@ class TemplateResolver:
         if isinstance(value, dict):
             if any(k.startswith("Fn::") for k in value):
                 raise KeyError(f"intrinsic not supported locally: {sorted(value)}")
-            return {k: self.resolve(v) for k, v in value.items() if v != NO_VALUE}
+            resolved = {k: self.resolve(v) for k, v in value.items()}
+            return {k: v for k, v in resolved.items() if v is not _DROPPED}
         if isinstance(value, list):
-            return [self.resolve(v) for v in value if v != NO_VALUE]
+            return [v for v in (self.resolve(v) for v in value) if v is not _DROPPED]
         return value
 
 
@@ -393,6 +397,7 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
     """Every resource of template.yaml that the handlers, the state machine and the local
     stand-ins use, created against the AWS endpoint boto3 is pointed at (moto)."""
     template = load_template()
+    atomic_items.install()  # conditional writes as atomic as DynamoDB's (moto's are not)
     res = TemplateResolver(template, stack_name, parameters)
     phys = res.physical
     arn = f"{REGION}:{ACCOUNT}"

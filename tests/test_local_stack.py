@@ -56,6 +56,10 @@ def test_in_process_stack_upload_to_model_ready_to_generation(tmp_path):
 
         desc = rt.wait_for_execution(user, batch, timeout=120)
         assert desc["status"] == "SUCCEEDED", desc
+        # The state machine invoked each function's `live` alias, never the unqualified function.
+        invoked = {(n, q) for n, q in rt.hook.qualified if n in ("preprocess_image", "build_dataset",
+                                                                  "register_model", "notify")}
+        assert invoked == {(name, "live") for name in ("preprocess_image", "build_dataset", "register_model")}
 
         # Objects: 8 crops (the coffee cup and the other person rejected), the adapter.
         def listed(p):

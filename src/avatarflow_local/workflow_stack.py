@@ -73,6 +73,14 @@ def lambda_arn(name: str) -> str:
     return f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{name}"
 
 
+def alias_arn(template: dict, logical_id: str) -> str:
+    """`!Ref <Function>.Alias`: the ARN of the function's AutoPublishAlias (name:alias)."""
+    alias = template["Resources"][logical_id]["Properties"].get("AutoPublishAlias")
+    if not alias:
+        raise KeyError(f"{logical_id}.Alias: the function has no AutoPublishAlias")
+    return f"{lambda_arn(function_folder(template, logical_id))}:{alias}"
+
+
 def definition_substitution_keys(template: dict | None = None) -> dict:
     template = template or load_template()
     return template["Resources"][STATE_MACHINE]["Properties"]["DefinitionSubstitutions"]
@@ -108,6 +116,8 @@ def local_substitutions(bucket: str, table: str, topic_arn: str, **overrides: st
         if isinstance(source, dict) and "Fn::GetAtt" in source and source["Fn::GetAtt"][1] == "Arn" \
                 and template["Resources"][source["Fn::GetAtt"][0]]["Type"] == "AWS::Serverless::Function":
             subs[key] = lambda_arn(function_folder(template, source["Fn::GetAtt"][0]))
+        elif isinstance(source, dict) and str(source.get("Ref", "")).endswith(".Alias"):
+            subs[key] = alias_arn(template, source["Ref"].removesuffix(".Alias"))
         elif key in values:
             subs[key] = values[key]
         else:
@@ -564,6 +574,9 @@ def _stack_roles(template: dict, res: TemplateResolver, subs: dict) -> tuple[dic
     for lid, resource in translated["Resources"].items():
         if resource["Type"] == "AWS::IAM::Role" and lid not in deployed.physical:
             deployed.physical[lid] = {"Arn": f"arn:aws:iam::{ACCOUNT}:role/{res.stack_name}-{lid}"}
+        elif resource["Type"] == "AWS::Lambda::Alias":  # SAM's <Function>Alias<name>: Ref is its ARN
+            function = resource["Properties"]["FunctionName"]["Ref"]
+            deployed.physical[lid] = {"Ref": alias_arn(template, function)}
     statements = iam.role_statements(translated, deployed.resolve)
     by_arn = {deployed.physical[lid]["Arn"]: s for lid, s in statements.items()}
     function_roles = {
@@ -591,5 +604,6 @@ def function_specs(template: dict, function_env: dict[str, dict[str, str]],
             timeout_s=float(props.get("Timeout", shared.get("Timeout", DEFAULT_TIMEOUT_S))),
             memory_mb=int(props.get("MemorySize", shared.get("MemorySize", DEFAULT_MEMORY_MB))),
             role_arn=roles[lid],
+            aliases=(props["AutoPublishAlias"],) if props.get("AutoPublishAlias") else (),
         )
     return specs

@@ -253,3 +253,25 @@ def test_prices_are_dated_data_with_a_source():
     hourly = data["usd_per_hour"]["ml.g5.xlarge"]
     assert float(usage.estimated_cost("ml.g5.xlarge", 3600)) == pytest.approx(hourly)
     assert usage.estimated_cost("ml.unknown", 3600) is None
+
+
+def test_only_the_backend_client_can_obtain_the_admin_scope(stack):
+    """The template: the resource server defines avatarflow/admin; only BackendClient (client
+    credentials, a secret Cognito generates) may request it; the users' client has no OAuth
+    scopes at all, so no user token carries it; the admin routes require it at API Gateway."""
+    from avatarflow_local.workflow_stack import load_template
+
+    resources = load_template()["Resources"]
+    server = resources["ApiResourceServer"]["Properties"]
+    scope = f"{server['Identifier']}/{server['Scopes'][0]['ScopeName']}"
+    assert scope == stack.module("api").ADMIN_SCOPE  # what the caller check looks for
+    clients = {n: r["Properties"] for n, r in resources.items()
+               if r["Type"] == "AWS::Cognito::UserPoolClient"}
+    holders = {n for n, p in clients.items() if scope in p.get("AllowedOAuthScopes", [])}
+    assert holders == {"BackendClient"}
+    backend = clients["BackendClient"]
+    assert backend["AllowedOAuthFlows"] == ["client_credentials"] and backend["GenerateSecret"] is True
+    assert "AllowedOAuthScopes" not in clients["UserPoolClient"]
+    for event in resources["ApiFunction"]["Properties"]["Events"].values():
+        if event["Properties"]["Path"].startswith("/admin/"):
+            assert event["Properties"]["Auth"]["AuthorizationScopes"] == [scope]

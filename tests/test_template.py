@@ -274,7 +274,7 @@ KNOWN_METRICS = {
     "AWS/Lambda": {"Errors", "Throttles", "Invocations", "Duration"},
     "AWS/SQS": {"ApproximateNumberOfMessagesVisible", "ApproximateAgeOfOldestMessage"},
     "AWS/States": {"ExecutionsFailed", "ExecutionsTimedOut", "ExecutionsAborted",
-                   "ServiceIntegrationsFailed"},
+                   "ServiceIntegrationsFailed", "ServiceIntegrationsTimedOut"},
     "AWS/SageMaker": {"ApproximateAgeOfOldestRequest", "HasBacklogWithoutCapacity", "ApproximateBacklogSize",
                       "ApproximateBacklogSizePerInstance"},
     "AWS/ApiGateway": {"5xx", "4xx", "Count"},

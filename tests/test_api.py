@@ -397,8 +397,8 @@ def test_lifecycle_pending_to_completed_with_presigned_urls(api):
 
     prefix = keys.generation_prefix("alice", generation_id)
     images = [
-        {"key": f"{prefix}000.png", "seed": 7, "identity_similarity": 0.61},
-        {"key": f"{prefix}001.png", "seed": 8, "identity_similarity": None},
+        {"key": f"{prefix}000.png", "withheld": False, "seed": 7, "identity_similarity": 0.61},
+        {"key": f"{prefix}001.png", "withheld": False, "seed": 8, "identity_similarity": None},
     ]
     write_output(api, images)
     assert api.notify(success_notice(api, generation_id)) == {"outcomes": ["COMPLETED"]}
@@ -451,8 +451,8 @@ def test_images_outside_the_generation_folder_are_never_signed(api):
     write_output(
         api,
         [
-            {"key": f"{prefix}000.png", "seed": 1, "identity_similarity": 0.5},
-            {"key": "uploads/bob/b1/secret.jpg", "seed": 2, "identity_similarity": 0.5},
+            {"key": f"{prefix}000.png", "withheld": False, "seed": 1, "identity_similarity": 0.5},
+            {"key": "uploads/bob/b1/secret.jpg", "withheld": False, "seed": 2, "identity_similarity": 0.5},
         ]
     )
     api.notify(success_notice(api, generation_id))

@@ -65,8 +65,8 @@ def done(stack):
 RESULT = {
     "generation_id": GID,
     "images": [
-        {"key": f"{PREFIX}000.png", "seed": 11, "identity_similarity": 0.72},
-        {"key": f"{PREFIX}001.png", "seed": 12, "identity_similarity": None},
+        {"key": f"{PREFIX}000.png", "withheld": False, "seed": 11, "identity_similarity": 0.72},
+        {"key": f"{PREFIX}001.png", "withheld": False, "seed": 12, "identity_similarity": None},
     ],
     "timings": {"load_adapter_s": 0.4, "generate_s": 6.1},
 }
@@ -153,7 +153,8 @@ def test_images_outside_the_generation_folder_are_dropped(done):
     done.pending_row()
     done.put_json(
         "async-output/x1.out",
-        {"images": [RESULT["images"][0], {"key": "generations/bob/g9/000.png", "seed": 1}]},
+        {"images": [RESULT["images"][0],
+                    {"key": "generations/bob/g9/000.png", "seed": 1, "withheld": False}]},
     )
     assert done(done.success()) == ["COMPLETED"]
     images = gen.from_dynamo(done.row()["images"])

@@ -282,6 +282,7 @@ class LocalRuntime:
             progress=s.progress,
             role_arn=r.inference_role_arn,
             erasures_table=r.inference_environment.get("ERASURES_TABLE"),
+            environment=r.inference_environment,
             on_done=lambda job, status, body: self.on_event(
                 "endpoint",
                 f"generation {job.inference_id}: HTTP {status} ({len(body.get('images', []))} images)"

@@ -78,6 +78,12 @@ def definition_substitution_keys(template: dict | None = None) -> dict:
     return template["Resources"][STATE_MACHINE]["Properties"]["DefinitionSubstitutions"]
 
 
+# Template parameters whose AWS services moto does not implement (Rekognition moderation and
+# faces, Comprehend toxicity): off locally, so no call is made and the results say so, unless
+# a caller turns them on with a stand-in (avatarflow_local.moderation_stand_in).
+LOCAL_PARAMETERS = {"PromptToxicityCheck": "off", "OutputModeration": "model", "UploadModeration": "off"}
+
+
 def local_substitutions(bucket: str, table: str, topic_arn: str, **overrides: str) -> dict[str, str]:
     """Every DefinitionSubstitutions key of the template, with local values."""
     template = load_template()
@@ -393,7 +399,7 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
     """Every resource of template.yaml that the handlers, the state machine and the local
     stand-ins use, created against the AWS endpoint boto3 is pointed at (moto)."""
     template = load_template()
-    res = TemplateResolver(template, stack_name, parameters)
+    res = TemplateResolver(template, stack_name, {**LOCAL_PARAMETERS, **(parameters or {})})
     phys = res.physical
     arn = f"{REGION}:{ACCOUNT}"
 

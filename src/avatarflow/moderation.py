@@ -178,7 +178,8 @@ class ToxicityPolicy:
     )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> ToxicityPolicy:
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ToxicityPolicy:
+        env = os.environ if env is None else env  # read at call time (Lambda's environment)
         raw = env.get("PROMPT_TOXIC_LABELS", ",".join(cls.labels))
         labels = tuple(x.strip() for x in raw.split(",") if x.strip())
         unknown = set(labels) - set(TOXIC_LABELS)
@@ -253,7 +254,8 @@ class ImagePolicy:
     categories: tuple[str, ...] = DEFAULT_IMAGE_CATEGORIES
 
     @classmethod
-    def from_env(cls, prefix: str, env: Mapping[str, str] = os.environ) -> ImagePolicy:
+    def from_env(cls, prefix: str, env: Mapping[str, str] | None = None) -> ImagePolicy:
+        env = os.environ if env is None else env
         confidence = float(env.get(f"{prefix}_MIN_CONFIDENCE", cls.min_confidence))
         if not 0 <= confidence <= 100:
             raise ValueError(f"{prefix}_MIN_CONFIDENCE is a percentage (0-100)")

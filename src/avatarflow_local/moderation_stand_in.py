@@ -51,11 +51,14 @@ class ModerationStandIn:
         image_labels: Callable[[Image.Image], list[dict]] | None = None,
         face_ages: Callable[[Image.Image], list[tuple[int, int]]] | None = None,
         toxicity: Callable[[str], dict[str, float]] | None = None,
+        fail_with: str | None = None,
     ):
         self.image_labels = image_labels or (lambda image: [])
         self.face_ages = face_ages or (lambda image: [(26, 34)])
         self.toxicity = toxicity or (lambda text: {})
         self.calls: list[tuple[str, dict]] = []
+        # An error code every call is answered with (HTTP 500), as AWS answers in an outage.
+        self.fail_with = fail_with
         session = botocore.session.get_session()
         self._models = {name: session.get_service_model(name) for name in ("rekognition", "comprehend")}
 
@@ -129,6 +132,9 @@ def _before_call(model, params, context, **_kwargs):
     if stand_in is None:
         return None
     api_params = context.get(iam._PARAMS_KEY, {})
+    if stand_in.fail_with:
+        stand_in.calls.append((f"{model.service_model.service_name}:{model.name}", {}))
+        return _error(stand_in.fail_with, "the service could not answer (stand-in outage)", 500)
     try:
         response = stand_in.answer(model.service_model.service_name, model.name, api_params)
     except _Refused as err:

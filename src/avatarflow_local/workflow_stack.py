@@ -18,6 +18,7 @@ import boto3
 import yaml
 
 from avatarflow_local import iam, training_job
+from avatarflow_local import moderation_stand_in as _moderation_stand_in  # noqa: F401 - its botocore hooks
 from avatarflow_local.functions import REPO_ROOT
 from avatarflow_local.lambda_hook import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, FunctionSpec, function_name_of
 

@@ -89,16 +89,21 @@ def _folded(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+_LONGEST_JOIN = 24  # no listed term is longer
+
+
 def _words(text: str) -> list[str]:
-    """Words of a normalised text, with each run of two or more single letters joined."""
+    """Words of a normalised text; within each run of single letters ("a n u d e"), every
+    stretch of two or more letters joined too."""
     out: list[str] = []
     run: list[str] = []
     for word in [*_WORD.findall(text), ""]:
         if len(word) == 1:
             run.append(word)
             continue
-        if len(run) >= 2:
-            out.append("".join(run))
+        for start in range(len(run)):
+            for end in range(start + 2, min(len(run), start + _LONGEST_JOIN) + 1):
+                out.append("".join(run[start:end]))
         out += run
         run = []
         if word:

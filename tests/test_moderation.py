@@ -257,3 +257,17 @@ def test_rekognition_requests_fit_the_service_model():
         )
         faces = client.detect_faces(Image={"Bytes": b"jpeg"}, Attributes=["AGE_RANGE"])["FaceDetails"]
     assert moderation.minor_face(faces, "possible")
+
+
+def test_emails_explain_moderation_rejections_in_plain_words():
+    from avatarflow import faces, notifications
+
+    rejections = [{"name": n, "reason": r, "message": faces.REASON_MESSAGES[r]}
+                  for n, r in (("kid.jpg", "possible_minor"), ("beach.jpg", "unsafe_content"))]
+    mail = notifications.rejected("u1", "b1", {"accepted": 2, "min_images": 8, "rejections": rejections})
+    text = mail["message"]
+    assert "kid.jpg: The person in this photo may be under 18" in text
+    assert "beach.jpg: Our content check flagged this photo" in text
+    assert "only make avatar models of adults" in text and "never used for training" in text
+    ready = notifications.ready("u1", "b1", "v1", None, {"accepted": 9, "rejections": rejections[:1]})
+    assert "under 18" in ready["message"]

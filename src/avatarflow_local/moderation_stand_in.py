@@ -69,7 +69,7 @@ class ModerationStandIn:
 
     def __exit__(self, *exc) -> None:
         global _ACTIVE
-        _ACTIVE = self._previous
+        _ACTIVE = getattr(self, "_previous", None)
 
     # ------------------------------------------------------------------ answers
     def answer(self, service: str, operation: str, params: dict) -> dict:

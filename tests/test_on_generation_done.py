@@ -10,7 +10,7 @@ import unit_stack
 from apitools import sns_event
 
 from avatarflow import generations as gen
-from avatarflow import keys
+from avatarflow import keys, usage
 
 REPO = Path(__file__).resolve().parents[1]
 module_stack, stack = unit_stack.module_stack, unit_stack.stack  # one stack per module, emptied per test
@@ -65,10 +65,10 @@ def done(stack):
 RESULT = {
     "generation_id": GID,
     "images": [
-        {"key": f"{PREFIX}000.png", "seed": 11, "identity_similarity": 0.72},
-        {"key": f"{PREFIX}001.png", "seed": 12, "identity_similarity": None},
+        {"key": f"{PREFIX}000.png", "withheld": False, "seed": 11, "identity_similarity": 0.72},
+        {"key": f"{PREFIX}001.png", "withheld": False, "seed": 12, "identity_similarity": None},
     ],
-    "timings": {"load_adapter_s": 0.4, "generate_s": 6.1},
+    "timings": {"adapter_load_ms": 400, "generate_ms": 6100, "total_ms": 6650},  # the container's shape
 }
 
 
@@ -92,18 +92,58 @@ def failure(generation_id=GID, reason="ClientError: Received server error (500) 
     )
 
 
+WITHHELD = {
+    "moderation_labels": [{"name": "Explicit", "parent": None, "confidence": 97.2, "level": 1}],
+    "withheld": True, "seed": 13, "identity_similarity": None,
+}
+
+
+def test_withheld_images_are_counted_never_stored_for_delivery(done):
+    """result.json's contract (output moderation): an image with withheld true has no key and is
+    not among the row's images; one without withheld false is not delivered either."""
+    done.pending_row()
+    unmarked = {"key": f"{PREFIX}003.png", "seed": 14, "identity_similarity": None}
+    result = {**RESULT, "images": [RESULT["images"][0], WITHHELD, unmarked],
+              "output_moderation": "rekognition", "withheld": 1}
+    done.put_json("async-output/x1.out", result)
+    assert done(done.success()) == ["COMPLETED"]
+    row = done.row()
+    assert [i["key"] for i in gen.from_dynamo(row["images"])] == [f"{PREFIX}000.png"]
+    assert row["withheld"] == 1 and row["output_moderation"] == "rekognition"
+
+
+def test_every_image_withheld_still_completes(done):
+    """All withheld is a finished generation with nothing to deliver (and says so), not a failure."""
+    done.pending_row()
+    result = {**RESULT, "images": [WITHHELD], "output_moderation": "rekognition", "withheld": 1}
+    done.put_json("async-output/x1.out", result)
+    assert done(done.success()) == ["COMPLETED"]
+    row = done.row()
+    assert row["images"] == [] and row["withheld"] == 1
+
+
 def test_success_notice_completes_with_images_from_the_output(done):
     done.pending_row()
     done.put_json("async-output/x1.out", RESULT)
     assert done(done.success()) == ["COMPLETED"]
     row = done.row()
     assert row["status"] == "COMPLETED"
-    assert gen.from_dynamo(row["images"]) == RESULT["images"]
+    delivered = [{k: v for k, v in i.items() if k != "withheld"} for i in RESULT["images"]]
+    assert gen.from_dynamo(row["images"]) == delivered
     assert gen.from_dynamo(row["timings"]) == RESULT["timings"]
+    # A result without output_moderation (an older container) never reads as checked.
+    assert row["withheld"] == 0 and row["output_moderation"] == "not_moderated"
     assert row["output_location"] == f"s3://{done.bucket}/async-output/x1.out"
     # Every call was checked against the function's role from template.yaml.
     allowed = done.stack.enforcer.allowed
-    assert allowed[(ROLE, "s3:GetObject")] == 1 and allowed[(ROLE, "dynamodb:UpdateItem")] == 1
+    # UpdateItem: the row, then the usage month and total rows (one transaction).
+    assert allowed[(ROLE, "s3:GetObject")] == 1 and allowed[(ROLE, "dynamodb:UpdateItem")] == 3
+    # Metered from the container's own timings: seconds, images, once however often SNS delivers.
+    done(done.success())
+    table = boto3.resource("dynamodb").Table(done.stack.resources.physical["UsageTable"]["Ref"])
+    total = usage.view(table.get_item(Key={"user_id": row["user_id"], "period": "total"})["Item"])
+    assert total["inference_seconds"] == RESULT["timings"]["total_ms"] / 1000
+    assert (total["images"], total["generations"]) == (len(RESULT["images"]), 1)
 
 
 def test_falls_back_to_result_json_when_output_is_missing(done):
@@ -153,7 +193,8 @@ def test_images_outside_the_generation_folder_are_dropped(done):
     done.pending_row()
     done.put_json(
         "async-output/x1.out",
-        {"images": [RESULT["images"][0], {"key": "generations/bob/g9/000.png", "seed": 1}]},
+        {"images": [RESULT["images"][0],
+                    {"key": "generations/bob/g9/000.png", "seed": 1, "withheld": False}]},
     )
     assert done(done.success()) == ["COMPLETED"]
     images = gen.from_dynamo(done.row()["images"])

@@ -11,6 +11,7 @@ as the reference for support. Nothing here promises that a failure is temporary.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 from avatarflow.workflow import (
     DEFAULT_SUBJECT_CLASS,
@@ -95,6 +96,25 @@ def _ignored_lines(dataset: dict) -> list[str]:
     return lines
 
 
+def _moderation_lines(rejections: list[dict]) -> list[str]:
+    """Plain words for the photos the content checks turned away (preprocess_image's
+    `possible_minor` / `unsafe_content`): why, and that trying again will not change it."""
+    reasons = {item.get("reason") for item in rejections}
+    lines = []
+    if "possible_minor" in reasons:
+        lines.append(
+            "About the photos marked as possibly under 18: we estimate age from the face, and we only make"
+            " avatar models of adults. If the person in those photos is under 18, please do not upload"
+            " them again. If they are an adult, photos in good light, facing the camera, help the estimate."
+        )
+    if "unsafe_content" in reasons:
+        lines.append(
+            "About the photos our content check flagged: photos showing nudity, underwear, violence or"
+            " disturbing content are never used for training. Please use ordinary, fully clothed portraits."
+        )
+    return ["", *lines] if lines else []
+
+
 def _request_lines(dataset: dict) -> list[str]:
     return [f"Note on your request.json: {issue}." for issue in dataset.get("request_issues") or []]
 
@@ -129,6 +149,7 @@ def ready(user_id: str, batch_id: str, version: str, metrics: dict | None, datas
     rejections = dataset.get("rejections") or []
     if rejections:
         lines += ["", "These photos were not used:", *_rejection_lines(rejections)]
+        lines += _moderation_lines(rejections)
     lines += _ignored_lines(dataset)
     request_lines = _request_lines(dataset)
     if request_lines:
@@ -154,10 +175,35 @@ def _emptied(dataset: dict) -> bool:
     )
 
 
+def _over_quota(user_id: str, batch_id: str, dataset: dict) -> dict:
+    """MODEL_REJECTED for a batch that was fine but came after the user's training batches for
+    the UTC day were spent (avatarflow.usage): says when to try again; the photos were good."""
+    quota = dataset["quota"]
+    try:
+        when = datetime.fromisoformat(str(quota.get("retry_at"))).strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        when = "midnight"
+    kept = [str(name) for name in dataset.get("kept") or []]
+    lines = [
+        f"We did not train your avatar model from batch {batch_id}: you have reached today's limit of"
+        f" {quota.get('limit')} training batches.",
+        "",
+        f"Try again after {when} UTC: upload the batch again then (the same photos are fine).",
+    ]
+    if kept:
+        lines += ["", "These photos were good; keep them for that batch:",
+                  *_listed([f"  - {name}" for name in kept], len(kept))]
+    lines += ["", _upload_again(user_id)]
+    return {"event": MODEL_REJECTED, "subject": _subject(f"Daily training limit reached: batch {batch_id}"),
+            "message": "\n".join(lines)}
+
+
 def rejected(user_id: str, batch_id: str, dataset: dict) -> dict:
     """MODEL_REJECTED: too few usable photos, or an emptied batch. Lists each photo that was
     not used and why (a duplicate names the photo it repeats), the photos that were fine and
     can go into the next batch, and the files ignored past the batch's limit."""
+    if dataset.get("quota"):
+        return _over_quota(user_id, batch_id, dataset)
     accepted = dataset.get("accepted", 0)
     needed = dataset.get("min_images")
     rejections = dataset.get("rejections") or []
@@ -181,6 +227,7 @@ def rejected(user_id: str, batch_id: str, dataset: dict) -> dict:
         ]
         if rejections:
             lines += ["", "Photos we could not use, and why:", *_rejection_lines(rejections)]
+            lines += _moderation_lines(rejections)
         next_step = (
             "What to do next: make a new batch of 10-15 photos of the same person"
             + (", starting with the good photos listed above" if kept else "")

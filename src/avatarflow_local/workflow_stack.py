@@ -17,7 +17,8 @@ from pathlib import Path
 import boto3
 import yaml
 
-from avatarflow_local import iam, moto_strict, training_job
+from avatarflow_local import atomic_items, iam, moto_strict, training_job
+from avatarflow_local import moderation_stand_in as _moderation_stand_in  # noqa: F401 - its botocore hooks
 from avatarflow_local.functions import REPO_ROOT
 from avatarflow_local.lambda_hook import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, FunctionSpec, function_name_of
 
@@ -73,9 +74,23 @@ def lambda_arn(name: str) -> str:
     return f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{name}"
 
 
+def alias_arn(template: dict, logical_id: str) -> str:
+    """`!Ref <Function>.Alias`: the ARN of the function's AutoPublishAlias (name:alias)."""
+    alias = template["Resources"][logical_id]["Properties"].get("AutoPublishAlias")
+    if not alias:
+        raise KeyError(f"{logical_id}.Alias: the function has no AutoPublishAlias")
+    return f"{lambda_arn(function_folder(template, logical_id))}:{alias}"
+
+
 def definition_substitution_keys(template: dict | None = None) -> dict:
     template = template or load_template()
     return template["Resources"][STATE_MACHINE]["Properties"]["DefinitionSubstitutions"]
+
+
+# Template parameters whose AWS services moto does not implement (Rekognition moderation and
+# faces, Comprehend toxicity): off locally, so no call is made and the results say so, unless
+# a caller turns them on with a stand-in (avatarflow_local.moderation_stand_in).
+LOCAL_PARAMETERS = {"PromptToxicityCheck": "off", "OutputModeration": "model", "UploadModeration": "off"}
 
 
 def local_substitutions(bucket: str, table: str, topic_arn: str, **overrides: str) -> dict[str, str]:
@@ -109,6 +124,8 @@ def local_substitutions(bucket: str, table: str, topic_arn: str, **overrides: st
         if isinstance(source, dict) and "Fn::GetAtt" in source and source["Fn::GetAtt"][1] == "Arn" \
                 and template["Resources"][source["Fn::GetAtt"][0]]["Type"] == "AWS::Serverless::Function":
             subs[key] = lambda_arn(function_folder(template, source["Fn::GetAtt"][0]))
+        elif isinstance(source, dict) and str(source.get("Ref", "")).endswith(".Alias"):
+            subs[key] = alias_arn(template, source["Ref"].removesuffix(".Alias"))
         elif key in values:
             subs[key] = values[key]
         else:
@@ -137,6 +154,7 @@ def render_definition(subs: dict[str, str], path: Path = DEFINITION) -> str:
 # function environments and event sources), so a change to template.yaml shows up locally.
 
 NO_VALUE = {"Ref": "AWS::NoValue"}  # a property or list item CloudFormation drops
+_DROPPED = type("NoValue", (), {"__repr__": lambda self: "AWS::NoValue"})()  # what NO_VALUE resolves to
 PSEUDO_PARAMETERS = {"AWS::AccountId": ACCOUNT, "AWS::Region": REGION, "AWS::Partition": "aws",
                      "AWS::URLSuffix": "amazonaws.com"}
 
@@ -155,6 +173,8 @@ class TemplateResolver:
         self.physical: dict[str, dict[str, str]] = {}
 
     def ref(self, name: str) -> str:
+        if name == "AWS::NoValue":  # dropped from the list or mapping holding it (also via Fn::If)
+            return _DROPPED
         if name == "AWS::StackName":
             return self.stack_name
         if name in PSEUDO_PARAMETERS:
@@ -186,7 +206,7 @@ class TemplateResolver:
                 return all(self._condition(a) for a in arg)
             if fn == "Fn::Or":
                 return any(self._condition(a) for a in arg)
-            if fn == "Condition":
+            if fn in ("Condition", "Fn::Condition"):  # !Condition reads as Fn::Condition here
                 return self.condition(arg)
         return self.resolve(value)
 
@@ -226,9 +246,10 @@ class TemplateResolver:
         if isinstance(value, dict):
             if any(k.startswith("Fn::") for k in value):
                 raise KeyError(f"intrinsic not supported locally: {sorted(value)}")
-            return {k: self.resolve(v) for k, v in value.items() if v != NO_VALUE}
+            resolved = {k: self.resolve(v) for k, v in value.items()}
+            return {k: v for k, v in resolved.items() if v is not _DROPPED}
         if isinstance(value, list):
-            return [self.resolve(v) for v in value if v != NO_VALUE]
+            return [v for v in (self.resolve(v) for v in value) if v is not _DROPPED]
         return value
 
 
@@ -395,7 +416,8 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
     """Every resource of template.yaml that the handlers, the state machine and the local
     stand-ins use, created against the AWS endpoint boto3 is pointed at (moto)."""
     template = load_template()
-    res = TemplateResolver(template, stack_name, parameters)
+    atomic_items.install()  # conditional writes as atomic as DynamoDB's (moto's are not)
+    res = TemplateResolver(template, stack_name, {**LOCAL_PARAMETERS, **(parameters or {})})
     phys = res.physical
     arn = f"{REGION}:{ACCOUNT}"
     moto_strict.install()  # DynamoDB requests atomic, as on AWS (the queue's semaphore relies on it)
@@ -566,6 +588,9 @@ def _stack_roles(template: dict, res: TemplateResolver, subs: dict) -> tuple[dic
     for lid, resource in translated["Resources"].items():
         if resource["Type"] == "AWS::IAM::Role" and lid not in deployed.physical:
             deployed.physical[lid] = {"Arn": f"arn:aws:iam::{ACCOUNT}:role/{res.stack_name}-{lid}"}
+        elif resource["Type"] == "AWS::Lambda::Alias":  # SAM's <Function>Alias<name>: Ref is its ARN
+            function = resource["Properties"]["FunctionName"]["Ref"]
+            deployed.physical[lid] = {"Ref": alias_arn(template, function)}
     statements = iam.role_statements(translated, deployed.resolve)
     by_arn = {deployed.physical[lid]["Arn"]: s for lid, s in statements.items()}
     function_roles = {
@@ -593,5 +618,6 @@ def function_specs(template: dict, function_env: dict[str, dict[str, str]],
             timeout_s=float(props.get("Timeout", shared.get("Timeout", DEFAULT_TIMEOUT_S))),
             memory_mb=int(props.get("MemorySize", shared.get("MemorySize", DEFAULT_MEMORY_MB))),
             role_arn=roles[lid],
+            aliases=(props["AutoPublishAlias"],) if props.get("AutoPublishAlias") else (),
         )
     return specs

@@ -247,8 +247,8 @@ def _check_caller() -> None:
         raise ForbiddenError(f"this route needs the {ADMIN_SCOPE} scope")
     if not caller.admin and caller.subject != route_args.get("user_id"):
         raise ForbiddenError("this token may not act for that user")
-    logger.append_keys(admin=caller.admin, **{k: route_args[k] for k in ("user_id", "generation_id", "batch_id")
-                                              if k in route_args})
+    ids = {k: route_args[k] for k in ("user_id", "generation_id", "batch_id") if k in route_args}
+    logger.append_keys(admin=caller.admin, **ids)
 
 
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)

@@ -9,7 +9,9 @@ read sees an item whose attributes are still being set, and a response being ser
 while another request mutates the item raises "dictionary changed size during iteration".
 `install()` serialises every DynamoDB request (the backend call and its response) with one
 lock, which is what DynamoDB's per-item atomicity guarantees for the requests this project
-makes. Idempotent; installed by workflow_stack.create_local_stack."""
+makes. atomic_items (issue 19) locks the backend's writes; this lock is taken first, around
+the whole request, so reads and response serialisation are covered too and the two locks are
+always taken in the same order. Idempotent; installed by workflow_stack.create_local_stack."""
 
 from __future__ import annotations
 

@@ -98,11 +98,14 @@ def _update(user_id: str, pack_id: str, values: dict, remove: tuple[str, ...] = 
     )
 
 
+# Every answer has every key the state machine's ResultSelector reads (null when it does not
+# apply): a missing path there is States.Runtime on AWS, which no Catch catches.
+
 # --------------------------------------------------------------------------- plan
 def plan(event: dict) -> dict:
     user_id = validate_id(event["user_id"], "user_id")
     if _erased(user_id):
-        return {"enabled": False, "erased": True}
+        return {"enabled": False, "erased": True, "pack_id": None}
     requested = event.get("pack") or None
     table = _table("PACKS_TABLE")
     now = gen.utc_now()
@@ -116,7 +119,7 @@ def plan(event: dict) -> dict:
     else:
         count = int(event.get("styles_count") or 0)
         if count <= 0:
-            return {"enabled": False, "erased": False}
+            return {"enabled": False, "erased": False, "pack_id": None}
         pack_id = packs.pack_id_for(event["execution_arn"])
         chosen = styles.pick(_catalogue(), None, count)
         row = {
@@ -304,7 +307,7 @@ def review(event: dict) -> dict:
     pack_id = validate_id(event["pack_id"], "pack_id")
     logger.append_keys(user_id=user_id, pack_id=pack_id)
     if _erased(user_id):
-        return {"erased": True, "again": False}
+        return {"erased": True, "again": False, "status": None, "notification": None}
     row = _pack_row(user_id, pack_id)
     keep = int(row["keep_per_style"])
     rows = _generation_rows(row.get("generation_ids") or [])
@@ -323,7 +326,7 @@ def review(event: dict) -> dict:
         )
         logger.info("styles below the likeness threshold go round again", extra={"styles": len(again)})
         metrics.add_metric(name="PackStylesRegenerated", unit=MetricUnit.Count, value=len(again))
-        return {"erased": False, "again": True}
+        return {"erased": False, "again": True, "status": None, "notification": None}
 
     status = packs.pack_status(outcomes)
     bucket = os.environ["BUCKET_NAME"]
@@ -364,7 +367,7 @@ def review(event: dict) -> dict:
         remove=("task_token", "todo"),
     )
     if _erased(user_id):  # erased while we wrote: the sweep removes what we wrote; nothing is sent
-        return {"erased": True, "again": False}
+        return {"erased": True, "again": False, "status": None, "notification": None}
     ttl = _env_int("PACK_LINK_TTL_SECONDS", 3600)
     links = {o["name"]: [_sign(i["key"], ttl) for i in o["images"]] for o in outcomes}
     text = notifications.pack_ready(user_id, pack_id, outcomes, titles, _sign(sheet_key, ttl), links, ttl)

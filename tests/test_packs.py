@@ -24,6 +24,7 @@ import boto3
 import cv2
 import numpy as np
 import pytest
+from apitools import body_of, http_event, put_model
 from moto import mock_aws
 
 from avatarflow import erasure, keys, packs, styles
@@ -34,7 +35,6 @@ from avatarflow_local.event_sources import SnsToLambda
 from avatarflow_local.functions import load_fresh_handler
 from avatarflow_local.lambda_hook import LambdaHook
 from avatarflow_local.workflow_stack import create_local_stack
-from apitools import body_of, http_event, put_model
 
 pytestmark = pytest.mark.e2e
 
@@ -99,26 +99,49 @@ def world():
         # Fresh handler modules per test: their cached clients carry this test's endpoint hook.
         hook = LambdaHook(r.function_specs, loader=load_fresh_handler).install()
         container = StandInContainer(r.bucket)
-        endpoint = AsyncEndpoint(r.endpoint_name, r.bucket, r.inference_success_topic, r.inference_error_topic,
-                                 base_model=".", cache_dir=".", role_arn=r.inference_role_arn).install()
+        endpoint = AsyncEndpoint(
+            r.endpoint_name,
+            r.bucket,
+            r.inference_success_topic,
+            r.inference_error_topic,
+            base_model=".",
+            cache_dir=".",
+            role_arn=r.inference_role_arn,
+        ).install()
         endpoint.app = container
         endpoint._ready.set()
         sqs = boto3.client("sqs")
         inbox = sqs.create_queue(QueueName="inbox")["QueueUrl"]
-        inbox_arn = sqs.get_queue_attributes(QueueUrl=inbox, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        boto3.client("sns").subscribe(TopicArn=r.topic_arn, Protocol="sqs", Endpoint=inbox_arn,
-                                      Attributes={"RawMessageDelivery": "true"})
-        pollers = [SnsToLambda(s, hook.invoke, f"t-{s.source_arn.rsplit(':', 1)[1]}", retry_after_s=1)
-                   for s in r.event_sources if s.kind == "SNS"]
+        inbox_arn = sqs.get_queue_attributes(QueueUrl=inbox, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
+        boto3.client("sns").subscribe(
+            TopicArn=r.topic_arn,
+            Protocol="sqs",
+            Endpoint=inbox_arn,
+            Attributes={"RawMessageDelivery": "true"},
+        )
+        pollers = [
+            SnsToLambda(s, hook.invoke, f"t-{s.source_arn.rsplit(':', 1)[1]}", retry_after_s=1)
+            for s in r.event_sources
+            if s.kind == "SNS"
+        ]
         with iam.enforcing(r.enforcer):
             endpoint.start()
             for p in pollers:
                 p.start()
             try:
-                yield SimpleNamespace(r=r, hook=hook, container=container, sqs=sqs, inbox=inbox,
-                                      s3=boto3.client("s3"), sfn=boto3.client("stepfunctions"),
-                                      packs=boto3.resource("dynamodb").Table(r.physical["PacksTable"]["Ref"]),
-                                      generations=boto3.resource("dynamodb").Table(r.generations_table))
+                yield SimpleNamespace(
+                    r=r,
+                    hook=hook,
+                    container=container,
+                    sqs=sqs,
+                    inbox=inbox,
+                    s3=boto3.client("s3"),
+                    sfn=boto3.client("stepfunctions"),
+                    packs=boto3.resource("dynamodb").Table(r.physical["PacksTable"]["Ref"]),
+                    generations=boto3.resource("dynamodb").Table(r.generations_table),
+                )
             finally:
                 for p in pollers:
                     p.stop()
@@ -128,8 +151,11 @@ def world():
 
 def ready_model(w, user: str) -> None:
     put_model(w.r, user, "v1", "READY")
-    w.s3.put_object(Bucket=w.r.bucket, Key=f"models/{user}/v1/adapter.json",
-                    Body=json.dumps({"token": "zwx", "subject_class": "woman", "reference_embedding": REFERENCE}))
+    w.s3.put_object(
+        Bucket=w.r.bucket,
+        Key=f"models/{user}/v1/adapter.json",
+        Body=json.dumps({"token": "zwx", "subject_class": "woman", "reference_embedding": REFERENCE}),
+    )
 
 
 def start_pack(w, user: str, body=None) -> dict:
@@ -154,8 +180,9 @@ def finish(w, user: str, pack_id: str, timeout: float = 60) -> dict:
 
 
 def mails(w) -> list[dict]:
-    got = w.sqs.receive_message(QueueUrl=w.inbox, MaxNumberOfMessages=10, MessageAttributeNames=["All"],
-                                WaitTimeSeconds=1).get("Messages", [])
+    got = w.sqs.receive_message(
+        QueueUrl=w.inbox, MaxNumberOfMessages=10, MessageAttributeNames=["All"], WaitTimeSeconds=1
+    ).get("Messages", [])
     return [{"event": m["MessageAttributes"]["event"]["StringValue"], "body": m["Body"]} for m in got]
 
 
@@ -168,14 +195,27 @@ def test_ten_style_pack_ranks_by_likeness_regenerates_and_delivers_with_a_failed
     w = world
     ready_model(w, "alice")
     queued = start_pack(w, "alice")
-    assert queued["styles_total"] == 10 and queued["status_url"].endswith(f"/users/alice/packs/{queued['pack_id']}")
+    assert queued["styles_total"] == 10 and queued["status_url"].endswith(
+        f"/users/alice/packs/{queued['pack_id']}"
+    )
     run = finish(w, "alice", queued["pack_id"])
     assert run["desc"]["status"] == "SUCCEEDED"
     states = entered(run["events"])
     # 10 styles cost no more transitions than 1: the wait is one task-token state per round.
     # Round 1 (10 styles) + round 2 (oil-painting, below the likeness threshold):
-    assert states == ["Route", "PlanPack", "PackWanted", "GenerateRound", "ReviewPack", "PackAgain",
-                      "GenerateRound", "ReviewPack", "PackAgain", "NotifyPack", "Done"]
+    assert states == [
+        "Route",
+        "PlanPack",
+        "PackWanted",
+        "GenerateRound",
+        "ReviewPack",
+        "PackAgain",
+        "GenerateRound",
+        "ReviewPack",
+        "PackAgain",
+        "NotifyPack",
+        "Done",
+    ]
     assert len(states) <= 60
     print(f"\nstate transitions for a 10-style pack (one regeneration round): {len(states)}")
 
@@ -183,7 +223,9 @@ def test_ten_style_pack_ranks_by_likeness_regenerates_and_delivers_with_a_failed
     # the one below the threshold twice (its next seed).
     first_round = [r for r in w.container.requests if r["seed"] in {s.seeds[0] for s in styles.defaults()}]
     assert len(first_round) == 10 and all("zwx woman" in r["prompt"] for r in w.container.requests)
-    assert [r["seed"] for r in w.container.requests if r not in first_round] == [styles.defaults()[2].seeds[1]]
+    assert [r["seed"] for r in w.container.requests if r not in first_round] == [
+        styles.defaults()[2].seeds[1]
+    ]
 
     row = w.packs.get_item(Key={"user_id": "alice", "pack_id": queued["pack_id"]})["Item"]
     assert row["status"] == packs.PARTIAL and "task_token" not in row and "waiting" not in row
@@ -195,7 +237,9 @@ def test_ten_style_pack_ranks_by_likeness_regenerates_and_delivers_with_a_failed
     # Identity ranking, recomputed from the stored PNGs with the stand-in embedder: each style
     # keeps its two images most like the reference, across both rounds.
     for name, outcome in result.items():
-        gens = [g for g in w.generations.scan()["Items"] if g.get("style") == name and g["status"] == "COMPLETED"]
+        gens = [
+            g for g in w.generations.scan()["Items"] if g.get("style") == name and g["status"] == "COMPLETED"
+        ]
         scored = []
         for g in gens:
             for image in g["images"]:
@@ -205,21 +249,30 @@ def test_ten_style_pack_ranks_by_likeness_regenerates_and_delivers_with_a_failed
         best = [key for _, key in sorted(scored, reverse=True)[:2]]
         assert [i["key"] for i in outcome["images"]] == best, name
     oil = result["oil-painting"]
-    assert all(float(i["identity_similarity"]) >= 0.36 for i in oil["images"])  # round 2 replaced the blue ones
+    assert all(
+        float(i["identity_similarity"]) >= 0.36 for i in oil["images"]
+    )  # round 2 replaced the blue ones
 
     # The email: the styles that arrived with their links, the failed one by name, the contact sheet.
     (mail,) = [m for m in mails(w) if m["event"] == "PACK_READY"]
     assert "9 of 10 styles" in mail["body"] and "Watercolor (watercolor)" in mail["body"]
     assert mail["body"].count("X-Amz-Expires=3600") == 9 * 2 + 1
-    sheet = w.s3.get_object(Bucket=w.r.bucket, Key=keys.contact_sheet_key("alice", queued["pack_id"]))["Body"].read()
+    sheet = w.s3.get_object(Bucket=w.r.bucket, Key=keys.contact_sheet_key("alice", queued["pack_id"]))[
+        "Body"
+    ].read()
     image = cv2.imdecode(np.frombuffer(sheet, np.uint8), cv2.IMREAD_COLOR)
     assert image.shape[0] > 10 * 160 and image.shape[1] > 2 * 160
-    manifest = json.loads(w.s3.get_object(Bucket=w.r.bucket,
-                                          Key=keys.pack_manifest_key("alice", queued["pack_id"]))["Body"].read())
+    manifest = json.loads(
+        w.s3.get_object(Bucket=w.r.bucket, Key=keys.pack_manifest_key("alice", queued["pack_id"]))[
+            "Body"
+        ].read()
+    )
     assert manifest["status"] == "PARTIAL" and manifest["rounds"] == 2 and len(manifest["styles"]) == 10
 
     # The API's view: n of m, presigned images with scores, the contact sheet; and the list.
-    view = body_of(w.hook.call("api", http_event("GET", f"/users/alice/packs/{queued['pack_id']}", sub="alice")))
+    view = body_of(
+        w.hook.call("api", http_event("GET", f"/users/alice/packs/{queued['pack_id']}", sub="alice"))
+    )
     assert view["status"] == "PARTIAL" and view["styles_done"] == 10 and view["styles_total"] == 10
     assert "contact_sheet_url" in view
     studio = next(s for s in view["styles"] if s["name"] == "studio-portrait")

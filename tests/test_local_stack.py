@@ -107,6 +107,29 @@ def test_in_process_stack_upload_to_model_ready_to_generation(tmp_path):
         )
         assert len(listed(keys.generation_prefix(user, queued["generation_id"]))) == 3  # 2 PNG + result.json
 
+        # The avatar pack after MODEL_READY (local: 2 styles x 1 image), made on the endpoint by the
+        # same execution: MODEL_READY first, then PACK_READY with the contact sheet and links.
+        states = [e["stateEnteredEventDetails"]["name"] for e in rt.history(desc["executionArn"])
+                  if e["type"].endswith("StateEntered")]
+        assert states.index("NotifyReady") < states.index("GenerateRound") < states.index("NotifyPack")
+        deadline = time.time() + 10
+        while not list(rt.mail_dir.glob("*PACK_READY*.eml")) and time.time() < deadline:
+            time.sleep(0.1)
+        (pack_mail,) = rt.mail_dir.glob("*PACK_READY*.eml")
+        assert "To: ada@example.com" in pack_mail.read_text()
+        status, listed_packs = call("GET", f"{api}/users/{user}/packs", token)
+        assert status == 200 and [p["status"] for p in listed_packs["packs"]] == ["COMPLETED"]
+        pack_id = listed_packs["packs"][0]["pack_id"]
+        status, pack = call("GET", f"{api}/users/{user}/packs/{pack_id}", token)
+        assert status == 200 and (pack["styles_done"], pack["styles_total"]) == (2, 2), pack
+        assert [s["name"] for s in pack["styles"]] == ["studio-portrait", "corporate-headshot"]
+        for style in pack["styles"]:
+            (image,) = style["images"]
+            assert fetch_png(image["url"]).size == (64, 64)
+        sheet = fetch_png(pack["contact_sheet_url"])
+        assert sheet.size[0] > 160 and sheet.size[1] > 2 * 160
+        assert call("GET", f"{api}/users/{user}/packs/{pack_id}", rt.token("eve"))[0] == 403
+
         # A bad model version is refused by the API; a failing invocation reaches FAILED via the error topic.
         assert (
             call(

@@ -106,7 +106,8 @@ def plan(event: dict) -> dict:
     user_id = validate_id(event["user_id"], "user_id")
     if _erased(user_id):
         return {"enabled": False, "erased": True, "pack_id": None}
-    requested = event.get("pack") or None
+    pack = event.get("pack")
+    requested = pack if isinstance(pack, dict) and "pack_id" in pack else None  # else: the training run's
     table = _table("PACKS_TABLE")
     now = gen.utc_now()
     if requested:  # POST /users/{u}/packs wrote the row (styles, version) before starting us

@@ -68,7 +68,8 @@ MANAGED_POLICY_ALLOWLIST = {
 # Where each S3 prefix of the layout comes from (avatarflow.keys is the one place they are spelled).
 LAYOUT_PREFIXES = (
     keys.UPLOADS, keys.DATASETS, keys.TRAINING, keys.MODELS, keys.REQUESTS, keys.GENERATIONS,
-    keys.ASYNC_OUTPUT, keys.ASYNC_FAILURES,
+    keys.ASYNC_OUTPUT, keys.ASYNC_FAILURES, keys.PACKS,
+    keys.STYLES_OBJECT,  # one object: the operator's pack styles (avatarflow.styles)
 )
 BUCKET_LIST_ACTIONS = {"s3:ListBucket", "s3:ListBucketVersions"}
 BASE_MODEL_READ_ACTIONS = {"s3:GetObject", "s3:ListBucket"}

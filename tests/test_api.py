@@ -507,6 +507,8 @@ def test_openapi_document_is_up_to_date(api):
         "/users/{user_id}/generations/{generation_id}",
         "/users/{user_id}",
         "/users/{user_id}/deletion",
+        "/users/{user_id}/packs",
+        "/users/{user_id}/packs/{pack_id}",
     }
 
 
@@ -573,6 +575,7 @@ def test_template_wires_what_the_functions_read():
         for statement in res[name]["Properties"]["Policies"][0]["Statement"]:
             actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
             assert all("*" not in a for a in actions), (name, actions)
-            assert statement["Resource"] != "*", (name, actions)
+            # Task-token callbacks (a pack's round) have no resource-level permissions.
+            assert statement["Resource"] != "*" or actions == ["states:SendTaskSuccess"], (name, actions)
             if "sagemaker:InvokeEndpointAsync" in actions:
                 assert statement["Resource"] == {"Ref": "InferenceEndpoint"}

@@ -34,7 +34,7 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 from boto3.dynamodb.conditions import Key
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from avatarflow import __version__, erasure, keys, packs, styles
@@ -507,8 +507,6 @@ def create_generation(user_id: str, body: Annotated[GenerationBody, Body()]):
     model = _pick_model(user_id, body.model_version)
     generation_id = new_id()
     logger.append_keys(generation_id=generation_id)
-    bucket = _env("BUCKET_NAME")
-    request_key = keys.request_key(generation_id)
     document = {
         "generation_id": generation_id,
         "user_id": user_id,
@@ -516,68 +514,20 @@ def create_generation(user_id: str, body: Annotated[GenerationBody, Body()]):
         **body.model_dump(exclude={"model_version"}),
     }
     document = {field: document[field] for field in gen.REQUEST_FIELDS}
-    aws().s3.put_object(
-        Bucket=bucket,
-        Key=request_key,
-        Body=json.dumps(document).encode(),
-        ContentType="application/json",
-    )
-    now = gen.utc_now()
-    ttl_days = _int_env("GENERATION_TTL_DAYS", 30)
-    table = _generations_table()
-    # The row exists before the endpoint is called: a fast endpoint (the local one) may
-    # notify before InvokeEndpointAsync even returns.
-    table.put_item(
-        Item=gen.to_dynamo(
-            {
-                "generation_id": generation_id,
-                "user_id": user_id,
-                "model_version": model["version"],
-                "status": gen.PENDING,
-                "request_key": request_key,
-                "params": {k: document[k] for k in gen.REQUEST_FIELDS[3:]},
-                "created_at": now,
-                "updated_at": now,
-                "ttl": int((datetime.now(UTC) + timedelta(days=ttl_days)).timestamp()),
-            }
-        ),
-        ConditionExpression="attribute_not_exists(generation_id)",
-    )
     try:
-        answer = aws().runtime.invoke_endpoint_async(
-            EndpointName=_env("ENDPOINT_NAME"),
-            InputLocation=f"s3://{bucket}/{request_key}",
-            InferenceId=generation_id,
-            ContentType="application/json",
+        # requests/<id>.json, the PENDING row (before the call: a fast endpoint may notify
+        # before InvokeEndpointAsync returns), the call, and where SageMaker will write.
+        gen.queue_generation(
+            s3=aws().s3, runtime=aws().runtime, table=_generations_table(), bucket=_env("BUCKET_NAME"),
+            endpoint_name=_env("ENDPOINT_NAME"), document=document,
+            ttl_days=_int_env("GENERATION_TTL_DAYS", 30),
         )
-    except (ClientError, BotoCoreError) as err:
+    except gen.NotQueued as err:
         logger.exception("InvokeEndpointAsync failed")
         metrics.add_metric(name="GenerationsNotQueued", unit=MetricUnit.Count, value=1)
-        table.update_item(
-            Key={"generation_id": generation_id},
-            UpdateExpression="SET #s = :failed, #e = :e, updated_at = :now",
-            ExpressionAttributeNames={"#s": "status", "#e": "error"},
-            ExpressionAttributeValues={
-                ":failed": gen.FAILED,
-                ":e": "could not queue the request",
-                ":now": now,
-            },
-        )
         raise ServiceUnavailableError(
             "the generation endpoint did not accept the request; retry later"
         ) from err
-    # Remember where SageMaker will write, so DELETE /users finds it even without a notice.
-    locations = {
-        k: answer.get(v)
-        for k, v in (("output_location", "OutputLocation"), ("failure_location", "FailureLocation"))
-        if answer.get(v)
-    }
-    if locations:
-        table.update_item(
-            Key={"generation_id": generation_id},
-            UpdateExpression="SET " + ", ".join(f"{k} = if_not_exists({k}, :{k})" for k in locations),
-            ExpressionAttributeValues={f":{k}": v for k, v in locations.items()},
-        )
     logger.info("generation queued", extra={"model_version": model["version"], "num_images": body.num_images})
     metrics.add_metric(name="GenerationsQueued", unit=MetricUnit.Count, value=1)
     metrics.add_metric(name="ImagesRequested", unit=MetricUnit.Count, value=body.num_images)

@@ -652,6 +652,7 @@ def _sign(key: str, ttl: int) -> str:
         400: {"description": "bad body, or a style that is not in the catalogue"},
         409: {"description": "no READY model"},
         410: {"description": "the user was erased (DELETE /users/{user_id})"},
+        503: {"description": "the operator's style catalogue does not validate"},
     },
 )
 @tracer.capture_method
@@ -659,7 +660,13 @@ def create_pack(user_id: str, body: Annotated[PackBody | None, Body()] = None):
     _refuse_if_erased(user_id)
     model = _pick_model(user_id, None)
     try:
-        chosen = styles.pick(_catalogue(), body.styles if body else None, styles.MAX_STYLES)
+        catalogue = _catalogue()
+    except styles.CatalogueError:
+        logger.exception("the style catalogue (config/styles.json) does not validate")
+        raise ServiceUnavailableError("avatar packs are unavailable: the style catalogue is being fixed") \
+            from None
+    try:
+        chosen = styles.pick(catalogue, body.styles if body else None, styles.MAX_STYLES)
     except styles.CatalogueError as err:
         raise FieldErrors([{"field": "body.styles", "reason": _clip(str(err))}]) from None
     pack_id = new_id()

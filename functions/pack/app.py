@@ -142,6 +142,10 @@ def plan(event: dict) -> dict:
             if err.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
                 raise
             row = _pack_row(user_id, pack_id)
+    # CloudFormation cannot compare two parameters: KeepPerStyle above ImagesPerStyle keeps all.
+    if int(row["keep_per_style"]) > int(row["images_per_style"]):
+        row["keep_per_style"] = int(row["images_per_style"])
+        _update(user_id, pack_id, {"keep_per_style": row["keep_per_style"]})
     logger.append_keys(user_id=user_id, pack_id=pack_id)
     _update(
         user_id,

@@ -43,6 +43,7 @@ def test_the_defaults_are_ten_valid_presets_for_sd15_and_sdxl():
     [
         ({"prompt": "a nude portrait of {token} {subject_class}"}, "moderation"),
         ({"title": "NSFW"}, "moderation"),
+    ({"negative_prompt": "blurry, clothes"}, "moderation"),  # steers toward nudity
         ({"prompt": "portrait of {token}"}, "subject_class"),
         ({"prompt": "portrait of {token} {subject_class} {other}"}, "placeholders"),
         ({"steps": "30"}, "steps"),

@@ -14,12 +14,13 @@ size (512 px for SD 1.5, 1024 px for SDXL), which is why one catalogue suits bot
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from importlib import resources
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+
+from avatarflow import moderation
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{1,31}$"
 MAX_STYLES = 50
@@ -31,21 +32,14 @@ class CatalogueError(ValueError):
     """A catalogue that does not validate (schema or moderation); the message names the style."""
 
 
-_INTERIM_BLOCKED = re.compile(
-    r"\b(nude|naked|nsfw|porn\w*|sex|sexual|topless|lingerie|gore|corpse|swastika|underage)\b", re.IGNORECASE
-)
-
-
-def _moderate(text: str) -> None:
-    """The one call site of the moderation policy for presets: avatarflow.moderation.check_prompt
-    (raises a ValueError). Until that module is on main, a small interim word list stands in."""
-    try:
-        from avatarflow import moderation
-    except ImportError:
-        if _INTERIM_BLOCKED.search(text):
-            raise ValueError("blocked term") from None
-        return
-    moderation.check_prompt(text)
+def _moderate(text: str, *, negative: bool = False) -> None:
+    """The one call site of the moderation policy for presets (avatarflow.moderation; raises
+    its BlockedText, a ValueError): the prompt and title as prompts, the negative prompt by the
+    negative-prompt rules (blocked terms allowed there, steering toward nudity not)."""
+    if negative:
+        moderation.check_negative_prompt(text)
+    else:
+        moderation.check_prompt(text)
 
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=400)]
@@ -103,9 +97,12 @@ def _validate(text: str | bytes, source: str) -> tuple[Style, ...]:
         raise CatalogueError(f"{source}: style names must be unique")
     for style in catalogue.styles:
         # Placeholders are filled with neutral values: the catalogue's own words are checked.
-        for text in (style.render("sks", "person"), style.title):
+        checks = [(style.render("sks", "person"), False), (style.title, False)]
+        if style.negative_prompt:
+            checks.append((style.negative_prompt, True))
+        for text, negative in checks:
             try:
-                _moderate(text)
+                _moderate(text, negative=negative)
             except ValueError as err:
                 raise CatalogueError(
                     f"{source}: style {style.name} is refused by the moderation policy"

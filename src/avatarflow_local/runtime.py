@@ -41,6 +41,7 @@ from avatarflow_local.functions import REPO_ROOT, load_fresh_handler
 from avatarflow_local.http_api import HttpApi
 from avatarflow_local.lambda_hook import LambdaHook
 from avatarflow_local.local_issuer import LocalIssuer
+from avatarflow_local.moderation_stand_in import ModerationStandIn
 from avatarflow_local.workflow_stack import REGION, LocalStackResources, create_local_stack
 
 LOG = logging.getLogger(__name__)
@@ -99,6 +100,10 @@ class Settings:
     progress: bool = False  # tqdm bars (denoising steps) on stderr
     verbose: bool = False  # the functions' JSON logs and metrics on stdout
     users: tuple[str, ...] = ("me",)
+    # A stand-in for Rekognition/Comprehend (moto has neither): with one, the stack runs the
+    # moderation layers as deployed (the template's defaults); without, they are off and the
+    # results say so (workflow_stack.LOCAL_PARAMETERS).
+    moderation: ModerationStandIn | None = None
 
     @property
     def tiny(self) -> bool:
@@ -249,6 +254,10 @@ class LocalRuntime:
         # JwtAudience): the HttpApi's JwtConfiguration resolves to its URL and client id.
         self.issuer = LocalIssuer(s.host, s.issuer_port).start()
         parameters = {"JwtIssuer": self.issuer.issuer, "JwtAudience": self.issuer.client_id}
+        if s.moderation is not None:
+            parameters.update(PromptToxicityCheck="comprehend", OutputModeration="rekognition",
+                              UploadModeration="rekognition")
+            s.moderation.__enter__()
         forkserver.warm_up()  # training's interpreter imports torch while the stack is built
         self.resources = r = create_local_stack(s.stack_name, parameters, **overrides)
         if s.tiny:  # the template's contract: the base model is an S3 prefix (a few MB here)
@@ -294,6 +303,7 @@ class LocalRuntime:
             progress=s.progress,
             role_arn=r.inference_role_arn,
             erasures_table=r.inference_environment.get("ERASURES_TABLE"),
+            environment=r.inference_environment,
             on_done=lambda job, status, body: self.on_event(
                 "endpoint",
                 f"generation {job.inference_id}: HTTP {status} ({len(body.get('images', []))} images)"
@@ -355,6 +365,8 @@ class LocalRuntime:
         if self._enforcing is not None:
             self._enforcing.__exit__(None, None, None)
             self._enforcing = None
+        if self.settings.moderation is not None:
+            self.settings.moderation.__exit__(None, None, None)
         from moto.core.config import default_user_config
 
         if self._saved_sfn_config is not None:

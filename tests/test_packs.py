@@ -41,6 +41,7 @@ pytestmark = pytest.mark.e2e
 REFERENCE = [0.2, 0.5, 1.0]  # the stand-in embedding space: (B, G, R) mean colour
 BLUE_SEED = styles.defaults()[2].seeds[0]  # oil-painting's first seed: drawn blue, far from REFERENCE
 FAIL_STYLE = "watercolor"
+WITHHELD_STYLE = "comic book"  # its first image of a round is withheld by output moderation
 
 
 def stand_in_embed(image: np.ndarray) -> list[float]:
@@ -84,11 +85,40 @@ class StandInContainer:
         for i in range(doc["num_images"]):
             seed = doc["seed"] + i
             data_png, pixels = png(seed)
+            if WITHHELD_STYLE in doc["prompt"] and i == 0:  # output moderation: never written, no key
+                images.append(
+                    {
+                        "seed": seed,
+                        "identity_similarity": None,
+                        "nsfw": False,
+                        "withheld": True,
+                        "moderation_labels": ["Explicit"],
+                    }
+                )
+                continue
             key = f"{keys.generation_prefix(doc['user_id'], doc['generation_id'])}{i:03d}.png"
             self.s3.put_object(Bucket=self.bucket, Key=key, Body=data_png, ContentType="image/png")
             score = round(float(cosine_similarity(stand_in_embed(pixels), REFERENCE)), 6)
-            images.append({"key": key, "seed": seed, "identity_similarity": score, "nsfw": False})
-        return _Answer(200, {"status": "COMPLETED", "generation_id": doc["generation_id"], "images": images})
+            images.append(
+                {
+                    "key": key,
+                    "seed": seed,
+                    "identity_similarity": score,
+                    "nsfw": False,
+                    "withheld": False,
+                    "moderation_labels": [],
+                }
+            )
+        return _Answer(
+            200,
+            {
+                "status": "COMPLETED",
+                "generation_id": doc["generation_id"],
+                "images": images,
+                "output_moderation": "not_moderated",
+                "withheld": 0,
+            },
+        )
 
 
 @pytest.fixture
@@ -248,6 +278,11 @@ def test_ten_style_pack_ranks_by_likeness_regenerates_and_delivers_with_a_failed
                 scored.append((cosine_similarity(stand_in_embed(pixels), REFERENCE), image["key"]))
         best = [key for _, key in sorted(scored, reverse=True)[:2]]
         assert [i["key"] for i in outcome["images"]] == best, name
+    comic = result["comic-book"]  # 3 generated, the withheld one never kept: the other 2
+    assert [i["seed"] for i in comic["images"]] != [] and styles.defaults()[5].seeds[0] not in [
+        i["seed"] for i in comic["images"]
+    ]
+    assert len(comic["images"]) == 2 and all("key" in i for i in comic["images"])
     oil = result["oil-painting"]
     assert all(
         float(i["identity_similarity"]) >= 0.36 for i in oil["images"]

@@ -35,13 +35,15 @@ def fetch_png(url):
 
 class FirstGeneratedImageIsExplicit:
     """The Rekognition stand-in's verdict: the first generated image (64 px, the tiny model's)
-    carries an Explicit label; uploaded photos (larger) carry none."""
+    once armed carries an Explicit label; uploaded photos (larger) and the avatar pack made
+    after MODEL_READY (before it is armed) carry none."""
 
     def __init__(self):
         self.flagged = 0
+        self.armed = False
 
     def __call__(self, image):
-        if image.size != (64, 64) or self.flagged:
+        if image.size != (64, 64) or self.flagged or not self.armed:
             return []
         self.flagged += 1
         return [{"Name": "Explicit Nudity", "ParentName": "Explicit", "Confidence": 96.5, "TaxonomyLevel": 2},
@@ -52,7 +54,8 @@ def test_in_process_stack_upload_to_model_ready_to_generation(tmp_path):
     """The whole path with the moderation layers on as deployed (a stand-in answers Rekognition
     and Comprehend): uploads checked, a flagged output withheld and reported, never delivered."""
     user, batch = "ada", "b1"
-    judge = ModerationStandIn(image_labels=FirstGeneratedImageIsExplicit())
+    first_generated = FirstGeneratedImageIsExplicit()
+    judge = ModerationStandIn(image_labels=first_generated)
     settings = Settings(out_dir=tmp_path / "out", train_steps=3, progress=False, moderation=judge)
     with LocalRuntime(settings) as rt:
         s3 = rt.client("s3")
@@ -105,6 +108,7 @@ def test_in_process_stack_upload_to_model_ready_to_generation(tmp_path):
         assert call("GET", f"{api}/nowhere", token)[0] == 404
         status, models = call("GET", f"{api}/users/{user}/models", token)
         assert status == 200 and models["latest_ready"] == batch
+        first_generated.armed = True  # the pack's images (made already) passed moderation
         status, queued = call(
             "POST",
             f"{api}/users/{user}/generations",
@@ -131,7 +135,8 @@ def test_in_process_stack_upload_to_model_ready_to_generation(tmp_path):
         assert called.count("rekognition:DetectFaces") >= 8
         assert called.count("comprehend:DetectToxicContent") == 1
         allowed = rt.resources.enforcer.allowed
-        assert allowed[("avatarflow-local-InferenceRole", "rekognition:DetectModerationLabels")] == 2
+        # The generation's 2 images and the pack's 2 (one per style, made after MODEL_READY).
+        assert allowed[("avatarflow-local-InferenceRole", "rekognition:DetectModerationLabels")] == 2 + 2
         gen_row = ddb.Table(rt.resources.generations_table).get_item(
             Key={"generation_id": queued["generation_id"]}
         )["Item"]

@@ -88,6 +88,7 @@ ROUTES = [
     ("POST", "/users/{u}/generations", GOOD_BODY),
     ("GET", "/users/{u}/generations/gen0000", None),
     ("DELETE", "/users/{u}", None),
+    ("GET", "/users/{u}/usage", None),
 ]
 
 
@@ -509,6 +510,9 @@ def test_openapi_document_is_up_to_date(api):
         "/users/{user_id}/deletion",
         "/users/{user_id}/packs",
         "/users/{user_id}/packs/{pack_id}",
+        "/users/{user_id}/usage",
+        "/admin/users",
+        "/admin/users/{user_id}",
     }
 
 

@@ -203,12 +203,20 @@ def test_in_process_stack_upload_to_model_ready_to_generation(tmp_path):
         status, used = call("GET", f"{api}/users/{user}/usage", token)
         assert status == 200 and used["total"] == used["this_month"]
         assert used["total"]["training_seconds"] == billed >= 1 and used["total"]["trainings"] == 1
-        gpu_seconds = result["timings"]["total_ms"] / 1000
+        # The avatar pack's generations (2 styles x 1 image, made after MODEL_READY) are metered too.
+        pack_row = ddb.Table(rt.resources.physical["PacksTable"]["Ref"]).get_item(
+            Key={"user_id": user, "pack_id": pack_id})["Item"]
+        pack_results = [
+            json.loads(s3.get_object(Bucket=rt.bucket, Key=keys.result_key(user, g))["Body"].read())
+            for g in pack_row["generation_ids"]
+        ]
+        assert len(pack_results) == 2
+        gpu_seconds = sum(r["timings"]["total_ms"] for r in [result, *pack_results]) / 1000
         assert used["total"]["inference_seconds"] == pytest.approx(gpu_seconds, abs=1e-3)
         # Images metered: those delivered (the withheld one cost GPU time, counted in seconds);
-        # the day's quota counts the 2 requested.
+        # the day's quota counts the 2 requested (packs are not taken from it: see docs).
         delivered = sum(1 for image in result["images"] if image["withheld"] is False)
-        assert (used["total"]["images"], used["total"]["generations"]) == (delivered, 1) == (1, 1)
+        assert (used["total"]["images"], used["total"]["generations"]) == (delivered + 2, 1 + 2) == (3, 3)
         assert used["today"]["images"]["used"] == 2 and used["today"]["batches"]["used"] == 1
         status, listing = call("GET", f"{api}/admin/users", admin)
         assert status == 200 and {u["user_id"]: u["usage"] for u in listing["users"]}[user] == used["total"]

@@ -95,12 +95,14 @@ class QueueWorld:
 @contextlib.contextmanager
 def queue_world(limit: int, stand_in: training_job.StandIn, *, max_runtime_s: int = 600,
                 poll_s: int = 1) -> Iterator[QueueWorld]:
-    """The stack (TrainingConcurrency = limit, MinImages 1, QueuePollSeconds poll_s) in a
+    """The stack (TrainingConcurrency = limit, MinImages 1, QueuePollSeconds poll_s, packs
+    off) in a
     fresh moto account with IAM enforced, stand-in jobs, and the EventBridge rule running."""
     with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
         stack = create_local_stack(parameters={"TrainingConcurrency": str(limit)}, MinImages="1",
                                    QueuePollSeconds=str(poll_s), MaxRuntimeSeconds=str(max_runtime_s),
-                                   MaxWaitSeconds=str(2 * max_runtime_s))
+                                   MaxWaitSeconds=str(2 * max_runtime_s),
+                                   PackStyles="0")  # no avatar pack: no endpoint runs here
         hook = LambdaHook(stack.function_specs).install()
         previous, training_job.STAND_IN = training_job.STAND_IN, stand_in
         training_job.peak_running(reset=True)

@@ -159,10 +159,38 @@ def test_two_batches_of_one_user_joining_at_once_never_both_rank_first(stack):
     table = boto3.resource("dynamodb").Table(stack.resources.physical["TrainingQueueTable"]["Ref"])
     queue = TrainingQueue(table, 1, 600)
     assert queue.acquire("zed", "b0", _arn("zed-b0")).acquired  # the one slot is taken
-    table.put_item(Item={"queue": "waiting", "entry": f"2000-01-01T00:00:00.000+00:00#{_arn('ann-b1')}",
+    table.put_item(Item={"queue": "waiting", "entry": _arn("ann-b1"),
                          "user_id": "ann", "batch_id": "b1", "execution_arn": _arn("ann-b1"),
                          "enqueued_at": "2000-01-01T00:00:00.000+00:00", "rank": PROVISIONAL_RANK})
     assert queue.acquire("ann", "b2", _arn("ann-b2")).rank == 1
     assert queue.acquire("bob", "b1", _arn("bob-b1")).rank == 0
     # bob's first goes before ann's second; ann's first (still provisional) sorts last for now.
     assert [w.execution_arn for w in fair_order(queue.waiting())][:2] == [_arn("bob-b1"), _arn("ann-b2")]
+
+
+def test_a_poll_with_no_free_slot_reads_two_items_and_never_the_waiting_list(stack):
+    """~190 executions poll at once under load: a poll that cannot be granted must not cost
+    O(waiting). Counted at the client: the waiting list is the only Query the queue makes."""
+    table = boto3.resource("dynamodb").Table(stack.resources.physical["TrainingQueueTable"]["Ref"])
+    queue = TrainingQueue(table, 1, 600)
+    calls: list[str] = []
+    table.meta.client.meta.events.register("before-call.dynamodb",
+                                           lambda model, **_: calls.append(model.name))
+    assert queue.acquire("zed", "b0", _arn("zed-b0")).acquired
+    first = queue.acquire("ann", "b1", _arn("ann-b1"))  # joins: reads the list once for rank and place
+    assert (first.acquired, first.position, first.first_time) == (False, 1, True)
+    queue.acquire("bob", "b1", _arn("bob-b1"))
+    calls.clear()
+    again = queue.acquire("ann", "b1", _arn("ann-b1"))
+    assert (again.acquired, again.first_time, again.rank) == (False, False, 0)
+    assert calls == ["GetItem", "GetItem"]  # the lock item and its own entry: no Query, no write
+    assert queue.place_of(_arn("bob-b1")).position == 2  # the API's place, computed on demand
+    # A free slot: the poll reads the list and the slot goes to the head of the fair order.
+    queue.release(_arn("zed-b0"), trained=True)
+    calls.clear()
+    assert queue.acquire("bob", "b1", _arn("bob-b1")).acquired is False  # not first in line
+    assert "Query" in calls
+    assert queue.acquire("ann", "b1", _arn("ann-b1")).acquired is True
+    assert queue.acquire("bob", "b1", _arn("bob-b1")).position is None  # full again: O(1)
+    assert queue.release(_arn("bob-b1")) == {"released": False, "dropped_waiting": 1}
+    assert queue.snapshot()["waiting"] == []

@@ -2,7 +2,9 @@
 
 Three callers, one table:
   * the state machine's AcquireSlot task: {"action": "acquire", "user_id", "batch_id",
-    "execution_arn", "training_job"} -> {"acquired", "position", "estimated_wait_seconds"};
+    "execution_arn", "training_job"} -> {"acquired", "position", "estimated_wait_seconds"}
+    (position and estimate are null on a poll that found no free slot: that poll reads two
+    items, never the waiting list; GET /users/{u}/batches/{id} computes the place on demand);
     the state machine waits QueuePollSeconds and asks again while `acquired` is false. The
     first time a batch has to wait, the user gets the MODEL_QUEUED email (place, estimate).
   * its ReleaseSlot tasks: {"action": "release", "execution_arn", "user_id", "batch_id",
@@ -70,11 +72,10 @@ def acquire(event: dict) -> dict:
         batches.set_stage(_batches(), user_id, batch_id, batches.TRAINING, execution_arn=arn,
                           training_job=str(event.get("training_job") or ""))
         metrics.add_metric(name="SlotsAcquired", unit=MetricUnit.Count, value=1)
-    else:
+    elif place.first_time:  # later polls leave the row alone (already "queued"): a poll stays O(1)
         batches.set_stage(_batches(), user_id, batch_id, batches.QUEUED, execution_arn=arn)
-        if place.first_time:
-            metrics.add_metric(name="BatchesQueued", unit=MetricUnit.Count, value=1)
-            _tell_queued(user_id, batch_id, place.position, place.estimated_wait_seconds)
+        metrics.add_metric(name="BatchesQueued", unit=MetricUnit.Count, value=1)
+        _tell_queued(user_id, batch_id, place.position, place.estimated_wait_seconds)
     logger.info("acquire", extra={"acquired": place.acquired, "position": place.position})
     return place.as_dict()
 

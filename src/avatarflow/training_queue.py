@@ -23,10 +23,17 @@ The limit stays exact under races: the slot is taken in one transaction with the
 item's condition `count < limit` and the waiting entry's deletion; a loser simply waits for
 its next poll.
 
+A poll costs O(1) when nothing can be granted: a waiting execution finds its own entry with
+a GetItem (the entry's key is its execution ARN) and, when the lock item shows no free slot
+(count >= limit), is told "still waiting" without reading the list (no grant was possible:
+the fair decision only matters when a slot is free). Only the first poll (joining: the rank
+and the place for the queued email) and polls that see a free slot read the whole list. The
+place and estimate for the API are computed on demand (place_of).
+
 Table (TrainingQueueTable, keys `queue` + `entry`):
   queue "slots",   entry "lock":  count, holders {execution_arn: {user_id, batch_id, since}}
   queue "slots",   entry "stats": mean_job_seconds (moving average of finished jobs), jobs
-  queue "waiting", entry "<enqueued_at>#<execution_arn>": user_id, batch_id, execution_arn
+  queue "waiting", entry "<execution_arn>": user_id, batch_id, execution_arn, enqueued_at, rank
 The waiting list is one partition read with a consistent Query (small items: thousands
 fit a few pages), never an eventually consistent index.
 """
@@ -97,7 +104,7 @@ def rank_of(user_id: str, waiting: list[Waiting], holders: dict[str, dict]) -> i
 
 def fair_order(waiting: list[Waiting]) -> list[Waiting]:
     """The waiting entries in the order slots are granted (see the module docstring)."""
-    return sorted(waiting, key=lambda w: (w.rank, w.entry))
+    return sorted(waiting, key=lambda w: (w.rank, w.enqueued_at, w.entry))
 
 
 def estimate_wait(index: int, limit: int, holders: dict[str, dict], mean_job_s: float, now: float) -> int:
@@ -112,6 +119,11 @@ def estimate_wait(index: int, limit: int, holders: dict[str, dict], mean_job_s: 
         start = heapq.heappop(free_at)
         heapq.heappush(free_at, start + mean_job_s)
     return round(start)
+
+
+def _as_waiting(item: dict) -> Waiting:
+    return Waiting(item["entry"], item["user_id"], item["batch_id"], item["execution_arn"],
+                   item["enqueued_at"], int(item.get("rank", 0)))
 
 
 class TrainingQueue:
@@ -138,6 +150,12 @@ class TrainingQueue:
             else float(self.default_job_seconds)
         )
 
+    def waiting_entry(self, execution_arn: str) -> Waiting | None:
+        """The execution's own waiting entry (one consistent GetItem), None when not waiting."""
+        item = self.table.get_item(Key={"queue": WAITING, "entry": execution_arn}, ConsistentRead=True).get(
+            "Item")
+        return _as_waiting(item) if item else None
+
     def waiting(self) -> list[Waiting]:
         items, start = [], None
         while True:
@@ -149,17 +167,7 @@ class TrainingQueue:
             start = page.get("LastEvaluatedKey")
             if not start:
                 break
-        return [
-            Waiting(
-                i["entry"],
-                i["user_id"],
-                i["batch_id"],
-                i["execution_arn"],
-                i["enqueued_at"],
-                int(i.get("rank", 0)),
-            )
-            for i in items
-        ]
+        return [_as_waiting(i) for i in items]
 
     def place_of(self, execution_arn: str) -> Place | None:
         """Where an execution stands now (None: neither holding nor waiting)."""
@@ -219,11 +227,17 @@ class TrainingQueue:
         holders = lock.get("holders", {})
         if execution_arn in holders:
             return Place(acquired=True)
-        waiting = self.waiting()
-        mine = next((w for w in waiting if w.execution_arn == execution_arn), None)
+        mine = self.waiting_entry(execution_arn)
         first_time = mine is None
         if mine is None:
             mine, waiting, holders, lock = self._join(user_id, batch_id, execution_arn)
+        elif int(lock.get("count", 0)) >= self.limit:
+            # No free slot: nobody can be granted now, so the order does not matter (O(1) poll).
+            return Place(acquired=False, rank=mine.rank)
+        else:
+            waiting = self.waiting()
+            if not any(w.execution_arn == execution_arn for w in waiting):  # granted or dropped meanwhile
+                return self.acquire(user_id, batch_id, execution_arn)
         order = fair_order(waiting)
         index = next(i for i, w in enumerate(order) if w.execution_arn == execution_arn)
         if index < self.limit - int(lock.get("count", 0)) and self._take(mine):
@@ -243,26 +257,37 @@ class TrainingQueue:
         it, if it was written earlier), so two batches of one user never both get rank 0. The
         list is read before the lock item: a batch moving from the list to a slot in between
         is counted twice (ranked later), never missed. Until its rank is written the entry
-        sorts last (PROVISIONAL_RANK): at worst it waits one more poll."""
+        sorts last (PROVISIONAL_RANK): at worst it waits one more poll. The write is conditional:
+        a retried call (two polls of one execution at once) keeps the first arrival time."""
         enqueued = now_iso()
-        entry = f"{enqueued}#{execution_arn}"
-        self.table.put_item(
-            Item={
-                "queue": WAITING,
-                "entry": entry,
-                "user_id": user_id,
-                "batch_id": batch_id,
-                "execution_arn": execution_arn,
-                "enqueued_at": enqueued,
-                "rank": PROVISIONAL_RANK,
-            }
-        )
+        entry = execution_arn
+        try:
+            self.table.put_item(
+                Item={
+                    "queue": WAITING,
+                    "entry": entry,
+                    "user_id": user_id,
+                    "batch_id": batch_id,
+                    "execution_arn": execution_arn,
+                    "enqueued_at": enqueued,
+                    "rank": PROVISIONAL_RANK,
+                },
+                ConditionExpression="attribute_not_exists(execution_arn)",
+            )
+        except ClientError as err:
+            if err.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
         waiting = self.waiting()
         lock = self.lock()
         holders = lock.get("holders", {})
+        mine_now = next((w for w in waiting if w.entry == entry), None)
+        if mine_now is not None:
+            enqueued = mine_now.enqueued_at
         rank = sum(h["user_id"] == user_id for h in holders.values()) + sum(
-            w.user_id == user_id and w.entry < entry for w in waiting
+            w.user_id == user_id and (w.enqueued_at, w.entry) < (enqueued, entry) for w in waiting
         )
+        if mine_now is not None and mine_now.rank != PROVISIONAL_RANK:
+            rank = mine_now.rank  # already ranked by the earlier call: the rank is fixed at joining
         self.table.update_item(
             Key={"queue": WAITING, "entry": entry},
             UpdateExpression="SET #rank = :rank",
@@ -333,11 +358,8 @@ class TrainingQueue:
             except ClientError as err:
                 if err.response["Error"]["Code"] != "ConditionalCheckFailedException":
                     raise
-        dropped = 0
-        for item in self.waiting():
-            if item.execution_arn == execution_arn:
-                self.table.delete_item(Key={"queue": WAITING, "entry": item.entry})
-                dropped += 1
+        old = self.table.delete_item(Key={"queue": WAITING, "entry": execution_arn}, ReturnValues="ALL_OLD")
+        dropped = 1 if old.get("Attributes") else 0
         if released and trained and since:
             self._record_duration(_seconds_since(since, time.time()))
         return {"released": released, "dropped_waiting": dropped}

@@ -1,10 +1,16 @@
 """The operator CLI (src/avatarflow_ops), run as the operator runs it: a subprocess of its own
 venv (.venv-ops, lock/ops.txt: sagemaker-core 2.x, whose pins differ from the dev venv's)
 against moto in server mode, where moto implements the calls (SageMaker training jobs,
-endpoints, InvokeEndpointAsync; S3; DynamoDB; CloudWatch Logs)."""
+endpoints, InvokeEndpointAsync; S3; DynamoDB; CloudWatch Logs).
+
+One subprocess for the whole module (tests/ops_driver.py: each command through the CLI's
+main() in one interpreter, exit code and output per command), so the module imports
+sagemaker-core once; `python -m avatarflow_ops` itself is run once more as its own process
+(a usage error: that path imports no SDK)."""
 
 import json
 import os
+import select
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +27,7 @@ REGION = "us-east-1"
 ROLE = "arn:aws:iam::123456789012:role/avatarflow-training"
 
 pytestmark = [
-    pytest.mark.e2e,  # each CLI run starts a process that imports sagemaker-core (~5-8 s)
+    pytest.mark.e2e,  # the driver process imports sagemaker-core once (~5-8 s)
     pytest.mark.skipif(
         not OPS_PYTHON.exists() and not os.environ.get("CI"), reason=".venv-ops not built (make tools)"
     ),
@@ -53,6 +59,7 @@ def moto_server():
 
 
 def run_cli(env, *args, timeout=120):
+    """`python -m avatarflow_ops ARGS` as its own process (the entry point itself)."""
     return subprocess.run(
         [str(OPS_PYTHON), "-m", "avatarflow_ops", *args],
         env=env,
@@ -61,6 +68,40 @@ def run_cli(env, *args, timeout=120):
         timeout=timeout,
         cwd=REPO,
     )
+
+
+@pytest.fixture(scope="module")
+def cli(moto_server):
+    """cli(*args) -> CompletedProcess-like (returncode, stdout, stderr) of one CLI command, run
+    by the module's one driver process (tests/ops_driver.py)."""
+    env = moto_server[0]
+    driver = subprocess.Popen(
+        [str(OPS_PYTHON), str(REPO / "tests" / "ops_driver.py")],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=None,  # inherited: an import failure shows in the test output
+        cwd=REPO,
+    )
+
+    def run(*args, timeout=120):
+        driver.stdin.write((json.dumps(list(args)) + "\n").encode())
+        driver.stdin.flush()
+        line, deadline = b"", time.monotonic() + timeout
+        while not line.endswith(b"\n"):
+            ready, _, _ = select.select([driver.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                driver.kill()
+                raise TimeoutError(f"ops CLI {args} took over {timeout} s")
+            chunk = os.read(driver.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError(f"the ops driver exited ({driver.wait()}) during {args}")
+            line += chunk
+        return subprocess.CompletedProcess(list(args), **json.loads(line))
+
+    yield run
+    driver.stdin.close()
+    driver.wait(timeout=30)
 
 
 def _training_job(client, name, hyperparameters):
@@ -90,8 +131,8 @@ def _training_job(client, name, hyperparameters):
     )
 
 
-def test_retrain_repeats_the_batchs_job_with_other_hyperparameters(moto_server):
-    env, client, ddb = moto_server
+def test_retrain_repeats_the_batchs_job_with_other_hyperparameters(moto_server, cli):
+    _, client, ddb = moto_server
     _training_job(client, "avatar-orig", {"learning_rate": "1e-4", "max_train_steps": "800", "token": "sks"})
     ddb().create_table(
         TableName="models",
@@ -106,8 +147,7 @@ def test_retrain_repeats_the_batchs_job_with_other_hyperparameters(moto_server):
         ],
     )
     ddb().Table("models").put_item(Item={"user_id": "ann", "version": "b1", "training_job": "avatar-orig"})
-    done = run_cli(
-        env,
+    done = cli(
         "retrain",
         "--models-table",
         "models",
@@ -127,15 +167,17 @@ def test_retrain_repeats_the_batchs_job_with_other_hyperparameters(moto_server):
     assert job["HyperParameters"] == {"learning_rate": "5e-5", "max_train_steps": "1200", "token": "sks"}
     assert job["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == "s3://data/datasets/ann/b1/"
     assert job["RoleArn"] == ROLE and job["ResourceConfig"]["InstanceType"] == "ml.g5.2xlarge"
-    # Usage errors and a missing row are refused, not guessed.
-    assert run_cli(env, "retrain").returncode == 2
-    missing = run_cli(env, "retrain", "--models-table", "models", "--user", "bob", "--version", "b9")
+    # Usage errors and a missing row are refused, not guessed (the first also through the entry point).
+    assert cli("retrain").returncode == 2
+    entry = run_cli(moto_server[0], "retrain")
+    assert entry.returncode == 2 and "retrain needs --job" in entry.stderr
+    missing = cli("retrain", "--models-table", "models", "--user", "bob", "--version", "b9")
     assert missing.returncode == 2 and "no training job" in missing.stderr
-    assert run_cli(env, "retrain", "--job", "avatar-orig", "--set", "nonsense").returncode == 2
+    assert cli("retrain", "--job", "avatar-orig", "--set", "nonsense").returncode == 2
 
 
-def test_logs_prints_every_stream_of_the_job(moto_server):
-    env, client, _ = moto_server
+def test_logs_prints_every_stream_of_the_job(moto_server, cli):
+    _, client, _ = moto_server
     _training_job(client, "avatar-logs", {"token": "sks"})
     logs = client("logs")
     logs.create_log_group(logGroupName="/aws/sagemaker/TrainingJobs")
@@ -149,13 +191,13 @@ def test_logs_prints_every_stream_of_the_job(moto_server):
             {"timestamp": now + 1, "message": "step=2 loss=0.4"},
         ],
     )
-    done = run_cli(env, "logs", "avatar-logs")
+    done = cli("logs", "avatar-logs")
     assert done.returncode == 0, done.stderr
     assert "[avatar-logs/algo-1-1] step=1 loss=0.5" in done.stdout and "step=2 loss=0.4" in done.stdout
 
 
-def test_queue_shows_the_running_jobs_and_the_line(moto_server):
-    env, _, ddb = moto_server
+def test_queue_shows_the_running_jobs_and_the_line(moto_server, cli):
+    _, _, ddb = moto_server
     table = ddb().create_table(
         TableName="queue",
         BillingMode="PAY_PER_REQUEST",
@@ -172,7 +214,7 @@ def test_queue_shows_the_running_jobs_and_the_line(moto_server):
     arn = "arn:aws:states:us-east-1:123456789012:execution:m:"
     assert queue.acquire("ann", "b1", arn + "a").acquired
     assert not queue.acquire("bob", "b1", arn + "b").acquired
-    done = run_cli(env, "queue", "--table", "queue", "--limit", "1")
+    done = cli("queue", "--table", "queue", "--limit", "1")
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout)
     assert [r["user_id"] for r in shown["running"]] == ["ann"]
@@ -200,19 +242,18 @@ def _endpoint(client, name):
     sm.create_endpoint(EndpointName=name, EndpointConfigName=name)
 
 
-def test_endpoint_state_and_a_smoke_test_that_waits_for_its_image(moto_server):
-    env, client, _ = moto_server
+def test_endpoint_state_and_a_smoke_test_that_waits_for_its_image(moto_server, cli):
+    _, client, _ = moto_server
     _endpoint(client, "avatarflow-infer")
-    done = run_cli(env, "endpoint", "avatarflow-infer")
+    done = cli("endpoint", "avatarflow-infer")
     shown = json.loads(done.stdout)
     assert shown["endpoint"] == "avatarflow-infer" and shown["config"] == "avatarflow-infer"
     assert done.returncode == (0 if shown["status"] == "InService" else 1)
-    assert run_cli(env, "endpoint", "nope").returncode != 0
+    assert cli("endpoint", "nope").returncode != 0
 
     s3 = client("s3")
     s3.create_bucket(Bucket="data")
-    done = run_cli(
-        env,
+    done = cli(
         "smoke",
         "--endpoint",
         "avatarflow-infer",
@@ -239,12 +280,11 @@ def test_endpoint_state_and_a_smoke_test_that_waits_for_its_image(moto_server):
     assert "\n".join(body) == s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
 
 
-def test_a_smoke_test_without_a_result_in_time_fails(moto_server):
-    env, client, _ = moto_server
+def test_a_smoke_test_without_a_result_in_time_fails(moto_server, cli):
+    _, client, _ = moto_server
     _endpoint(client, "avatarflow-silent")
     client("s3").create_bucket(Bucket="data2")
-    done = run_cli(
-        env,
+    done = cli(
         "smoke",
         "--endpoint",
         "avatarflow-silent",

@@ -73,6 +73,17 @@ def test_a_batch_from_upload_to_ready(stack):
         {"name": "two.jpg", "verdict": "pending"},
     ]
 
+    # The listing settled: the Map's first preprocess_image call (index 0) moves the row to
+    # intake inside the call it makes anyway; the other photos' calls, a late photo and a
+    # retried first call move nothing (the photo itself need not be readable for that).
+    preprocess = {"key": "uploads/alice/b1/one.jpg", "index": 0}
+    stack.call("preprocess_image", preprocess)
+    stack.call("preprocess_image", {"key": "uploads/alice/b1/two.jpg", "index": 1})
+    _upload(stack, "alice", "b1", "late.jpg")
+    status, view = _get(stack, "/users/alice/batches/b1")
+    assert status == 200 and view["stage"] == "intake" and view["queue"] is None
+    assert [p["verdict"] for p in view["photos"]] == ["pending", "pending"]
+
     # Intake's verdicts (build_dataset writes them; here as the operator), then the queue: two
     # slots (TrainingConcurrency's default) taken by others, alice waits first in line.
     table = boto3.resource("dynamodb").Table(stack.resources.physical["BatchesTable"]["Ref"])
@@ -90,6 +101,8 @@ def test_a_batch_from_upload_to_ready(stack):
     assert _acquire(stack, "alice", "b1")["acquired"] is False
     status, view = _get(stack, "/users/alice/batches/b1")
     assert view["stage"] == "queued" and view["queue"]["position"] == 1
+    stack.call("preprocess_image", preprocess)  # a late retry of intake's first call
+    assert _get(stack, "/users/alice/batches/b1")[1]["stage"] == "queued"
     assert view["queue"]["estimated_wait_seconds"] > 0 and view["training"] is None
     assert view["photos"] == [
         {"name": "one.jpg", "verdict": "accepted"},

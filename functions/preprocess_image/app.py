@@ -21,7 +21,7 @@ from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import ClientError
 
-from avatarflow import faces, keys, moderation
+from avatarflow import batches, faces, keys, moderation
 
 logger = Logger()
 tracer = Tracer()
@@ -114,6 +114,9 @@ def handler(event, context):
         metrics.add_metric(name="PhotosRejected", unit=MetricUnit.Count, value=1)
         return _result(key if isinstance(key, str) else None, name, reason="invalid_key")
     logger.append_keys(user_id=upload.user_id, batch_id=upload.batch_id, photo=upload.name)
+    if index == 0:  # the Map's first item: the batch's status row moves to intake (no extra state)
+        batches.start_intake(boto3.resource("dynamodb").Table(os.environ["BATCHES_TABLE"]), upload.user_id,
+                             upload.batch_id)
     if upload.is_request:
         return _result(key, upload.name, skipped=True)
 

@@ -3,6 +3,7 @@
 Each part of the workflow writes the stage it knows, inside a call it makes anyway, so no
 stage costs the state machine a transition:
   on_upload         settling  (a photo arrived: the execution starts, the listing settles)
+  preprocess_image  intake    (the Map's first photo: the listing settled, intake began)
   build_dataset     queued | rejected, with every photo's verdict
   training_queue    queued (place, estimate) -> training -> registering | failed
 and the API reads `ready` / `failed` from the model registry row (register_model writes
@@ -48,6 +49,22 @@ def set_stage(table, user_id: str, batch_id: str, stage: str, **attributes) -> N
         table.update_item(Key={"user_id": user_id, "batch_id": batch_id},
                           UpdateExpression="SET " + ", ".join(sets), ConditionExpression=condition,
                           ExpressionAttributeNames=names, ExpressionAttributeValues=values)
+
+
+def start_intake(table, user_id: str, batch_id: str) -> bool:
+    """settling -> intake: the listing settled and the photos are being checked. Only from
+    settling (a retried or late call never moves a batch back from queued/training/an end);
+    False when the batch had already moved on."""
+    try:
+        table.update_item(Key={"user_id": user_id, "batch_id": batch_id},
+                          UpdateExpression="SET #stage = :intake, updated_at = :now",
+                          ConditionExpression="#stage = :settling",
+                          ExpressionAttributeNames={"#stage": "stage"},
+                          ExpressionAttributeValues={":intake": INTAKE, ":settling": SETTLING,
+                                                     ":now": now_iso()})
+    except table.meta.client.exceptions.ConditionalCheckFailedException:
+        return False
+    return True
 
 
 def photo_verdicts(dataset: dict) -> list[dict]:

@@ -118,7 +118,14 @@ def simulate(batches: int, users: int, limit: int, job_s: tuple[float, float], s
                       for e in histories[arn] if e["type"] in ("TaskFailed", "LambdaFunctionFailed",
                                                                "TaskTimedOut")]
             first = failed[0] if failed else {}
-            key = f"{first.get('error')}: {str(first.get('cause'))[:160]}"
+            # The state it failed in (the last one entered before the first failure event).
+            ends = ("TaskFailed", "LambdaFunctionFailed", "TaskTimedOut", "FailStateEntered")
+            cut = next((i for i, e in enumerate(histories[arn]) if e["type"] in ends), len(histories[arn]))
+            states = [e["stateEnteredEventDetails"]["name"] for e in histories[arn][:cut + 1]
+                      if e["type"].endswith("StateEntered")]
+            cause = str(first.get("cause"))
+            cause = "Task timed out" if "timed out" in cause else cause[:120]
+            key = f"{states[-1] if states else '?'}: {first.get('error')}: {cause}"
             failures[key] = failures.get(key, 0) + 1
     # Concurrency from the jobs' own start/end marks (a second count, beside the stand-in's).
     marks = sorted([(j["started"], 1) for j in jobs] + [(j["ended"], -1) for j in jobs])

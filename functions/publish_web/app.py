@@ -42,7 +42,7 @@ for _type, _ext in (("text/javascript", ".js"), ("text/css", ".css"), ("applicat
                     ("image/svg+xml", ".svg"), ("text/html", ".html")):
     mimetypes.add_type(_type, _ext)
 SITE_DIR = Path(__file__).resolve().parent / "site"
-PREFIX = "app/"
+PREFIX = webapp.APP_PREFIX
 # UpdateUserPoolClient sets what it is given and resets the rest: every writable setting
 # DescribeUserPoolClient returns goes back unchanged but for the OAuth ones below.
 CLIENT_KEYS = (

@@ -14,6 +14,7 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MIN_PHOTOS = 10
 MAX_PHOTOS = 15
 SCOPES = "openid email"
+APP_PREFIX = "app/"  # the web bucket's one prefix: the distribution's origin path
 
 
 def origin_of(url: str) -> str:

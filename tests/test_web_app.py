@@ -107,7 +107,8 @@ def test_a_user_signs_in_uploads_trains_generates_downloads_and_deletes(runtime,
         notes.write_text("not a photo")
         page.get_by_label(re.compile("Photos of your face")).set_input_files(
             [str(p) for p in chosen[:10]] + [str(notes)])
-        expect(page.locator("#photo-list")).to_contain_text("notes.txt: refused, not a JPEG, PNG, WebP or HEIC")
+        expect(page.locator("#photo-list")).to_contain_text(
+            "notes.txt: refused, not a JPEG, PNG, WebP or HEIC")
         expect(upload).to_be_disabled()
         accessible(page, "3-photo-checks")
 

@@ -90,8 +90,9 @@ def _configure_client(props: dict, callback: str) -> None:
 
 
 @tracer.capture_method
-def publish(props: dict, site: Path = SITE_DIR) -> dict:
+def publish(props: dict, site: Path | None = None) -> dict:
     s3 = boto3.client("s3")
+    site = site or SITE_DIR
     bucket, origin = props["AppBucket"], webapp.origin_of(props["AppOrigin"])
     files = _files(site)
     for key, path in files.items():

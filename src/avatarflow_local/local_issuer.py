@@ -245,7 +245,8 @@ color:#fff;border:0;border-radius:6px}}:focus-visible{{outline:3px solid #f59e0b
 <p>The local stack's stand-in for the Cognito hosted UI: any user id signs in (no password locally).</p>
 {alert}<form method="post" action="{AUTHORIZE_PATH}">{hidden}
 <label for="username">User id</label>
-<input id="username" name="username" required autocomplete="username" maxlength="64" pattern="[A-Za-z0-9][A-Za-z0-9_\\-]*">
+<input id="username" name="username" required autocomplete="username" maxlength="64"
+ pattern="[A-Za-z0-9][A-Za-z0-9_\\-]*">
 <button type="submit">Sign in</button></form></main></body></html>"""
 
     # ------------------------------------------------------------------ server

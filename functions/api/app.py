@@ -91,13 +91,14 @@ BLOCKED_TERMS = (
 )
 _BLOCKED_RE = re.compile(r"\b(" + "|".join(map(re.escape, BLOCKED_TERMS)) + r")\b", re.IGNORECASE)
 
+# CORS only for another origin named at deploy time (CorsAllowOrigin): the stack's web app calls
+# the API on its own origin through CloudFront (/api/*) and needs none.
+_CORS_ORIGIN = os.environ.get("CORS_ALLOW_ORIGIN", "")
 app = APIGatewayHttpResolver(
     enable_validation=True,
-    cors=CORSConfig(
-        allow_origin=os.environ.get("CORS_ALLOW_ORIGIN", "*"),
-        allow_headers=["Authorization", "Content-Type"],
-        max_age=600,
-    ),
+    cors=CORSConfig(allow_origin=_CORS_ORIGIN, allow_headers=["Authorization", "Content-Type"], max_age=600)
+    if _CORS_ORIGIN
+    else None,
 )
 
 

@@ -21,7 +21,7 @@ from moto import mock_aws
 
 from avatarflow.tiny_model import build_tiny_pipeline
 from avatarflow.workflow import execution_name
-from avatarflow_local import iam, training_job
+from avatarflow_local import forkserver, iam, training_job
 from avatarflow_local.lambda_hook import LambdaHook
 from avatarflow_local.workflow_stack import create_local_stack
 
@@ -55,6 +55,7 @@ def stack():
 def aws(tiny_model):
     """Every resource of template.yaml in moto, the handlers run as Lambda runs them (own
     environment, Timeout, role) and every AWS call checked against its caller's role."""
+    forkserver.warm_up()  # the training jobs' interpreter imports torch while the stack is built
     with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
         s3 = boto3.client("s3")
         s3.create_bucket(Bucket=BASE_MODEL_BUCKET)

@@ -39,7 +39,7 @@ import boto3
 
 from avatarflow import webapp
 from avatarflow.workflow import execution_name
-from avatarflow_local import iam, training_job
+from avatarflow_local import forkserver, iam, training_job
 from avatarflow_local.async_inference import AsyncEndpoint
 from avatarflow_local.event_sources import MailCapture, SnsToLambda, SqsEventSource
 from avatarflow_local.functions import REPO_ROOT, load_fresh_handler
@@ -253,6 +253,7 @@ class LocalRuntime:
         # JwtAudience): the HttpApi's JwtConfiguration resolves to its URL and client id.
         self.issuer = LocalIssuer(s.host, s.issuer_port).start()
         parameters = {"JwtIssuer": self.issuer.issuer, "JwtAudience": self.issuer.client_id}
+        forkserver.warm_up()  # training's interpreter imports torch while the stack is built
         self.resources = r = create_local_stack(s.stack_name, parameters, **overrides)
         if s.tiny:  # the template's contract: the base model is an S3 prefix (a few MB here)
             s3 = boto3.client("s3", region_name=REGION)

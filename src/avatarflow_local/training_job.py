@@ -8,8 +8,9 @@ here, which does what SageMaker would:
   1. lays out a fresh /opt/ml (input/config/hyperparameters.json, input/data/<channel>/
      downloaded from each channel's S3 prefix (or linked from a local `file://` folder, as
      SageMaker local mode allows), model/, output/, checkpoints/);
-  2. runs the training entrypoint (containers/training/train) as a subprocess with
-     AVATARFLOW_OPT_ML pointing there, bounded by StoppingCondition.MaxRuntimeInSeconds;
+  2. runs the training entrypoint (containers/training/train) as a new process with
+     AVATARFLOW_OPT_ML pointing there, bounded by StoppingCondition.MaxRuntimeInSeconds
+     (a fork of a warm interpreter that has the ML stack imported: forkserver.py);
   3. tars model/ to <S3OutputPath><job>/output/model.tar.gz;
   4. returns a DescribeTrainingJob-shaped result, or raises TrainingJobFailed with the
      job's output/failure text (the .sync task fails the same way on AWS).
@@ -48,7 +49,7 @@ from urllib.parse import urlparse
 
 import boto3
 
-from avatarflow_local import iam
+from avatarflow_local import forkserver, iam
 from avatarflow_local.functions import REPO_ROOT
 
 FUNCTION_NAME = "avatarflow-local-training-job"
@@ -117,8 +118,11 @@ def _run_entrypoint(name: str, env: dict, timeout: float) -> tuple[int | None, s
     ran past `timeout` and was killed, output tail)."""
     tail: deque[str] = deque(maxlen=200)
     with tempfile.TemporaryFile(mode="w+") as errors:
-        proc = subprocess.Popen([sys.executable, str(entrypoint())], env=env, stdout=subprocess.PIPE,
-                                stderr=errors, text=True, bufsize=1)
+        if forkserver.enabled():
+            proc = forkserver.start([str(entrypoint())], env, stderr=errors)
+        else:
+            proc = subprocess.Popen([sys.executable, str(entrypoint())], env=env, stdout=subprocess.PIPE,
+                                    stderr=errors, text=True, bufsize=1)
 
         def pump() -> None:
             for line in proc.stdout:

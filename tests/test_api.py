@@ -348,10 +348,10 @@ def queue(api, user="alice"):
     return "gen0000"
 
 
-def write_output(api, images, key="async-output/abc.out"):
-    result = {"generation_id": "gen0000", "images": images, "timings": {"total_s": 4.2}}
+def write_output(api, images, key="async-output/abc.out", extra=None):
+    result = {"generation_id": "gen0000", "images": images, "timings": {"total_s": 4.2}, **(extra or {})}
     boto3.client("s3").put_object(Bucket=api.bucket, Key=key, Body=json.dumps(result).encode())
-    for image in images:
+    for image in (i for i in images if "key" in i):
         boto3.client("s3").put_object(Bucket=api.bucket, Key=image["key"], Body=b"\x89PNG fake")
 
 
@@ -397,8 +397,8 @@ def test_lifecycle_pending_to_completed_with_presigned_urls(api):
 
     prefix = keys.generation_prefix("alice", generation_id)
     images = [
-        {"key": f"{prefix}000.png", "seed": 7, "identity_similarity": 0.61},
-        {"key": f"{prefix}001.png", "seed": 8, "identity_similarity": None},
+        {"key": f"{prefix}000.png", "withheld": False, "seed": 7, "identity_similarity": 0.61},
+        {"key": f"{prefix}001.png", "withheld": False, "seed": 8, "identity_similarity": None},
     ]
     write_output(api, images)
     assert api.notify(success_notice(api, generation_id)) == {"outcomes": ["COMPLETED"]}
@@ -451,8 +451,8 @@ def test_images_outside_the_generation_folder_are_never_signed(api):
     write_output(
         api,
         [
-            {"key": f"{prefix}000.png", "seed": 1, "identity_similarity": 0.5},
-            {"key": "uploads/bob/b1/secret.jpg", "seed": 2, "identity_similarity": 0.5},
+            {"key": f"{prefix}000.png", "withheld": False, "seed": 1, "identity_similarity": 0.5},
+            {"key": "uploads/bob/b1/secret.jpg", "withheld": False, "seed": 2, "identity_similarity": 0.5},
         ]
     )
     api.notify(success_notice(api, generation_id))
@@ -573,6 +573,120 @@ def test_template_wires_what_the_functions_read():
         for statement in res[name]["Properties"]["Policies"][0]["Statement"]:
             actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
             assert all("*" not in a for a in actions), (name, actions)
-            assert statement["Resource"] != "*", (name, actions)
+            # Resource "*" only where AWS has no resource-level permissions (test_iam_policy's list).
+            star_only = actions == ["comprehend:DetectToxicContent"]
+            assert statement["Resource"] != "*" or star_only, (name, actions)
             if "sagemaker:InvokeEndpointAsync" in actions:
                 assert statement["Resource"] == {"Ref": "InferenceEndpoint"}
+
+
+# ---------------------------------------------------------------- content moderation (issue 16)
+
+# Each was accepted by main's word-boundary regex (BLOCKED_TERMS): plurals and related forms,
+# look-alikes (Cyrillic, Greek, full-width, leetspeak), zero-width characters and separators.
+EVASIONS = [
+    "portrait of sks person, nudes",
+    "sks person undressing",
+    "sks person with children",
+    "sks person, n\u0430ked",  # Cyrillic a
+    "sks person, n\u03c5de",  # Greek upsilon
+    "sks person, \uff4e\uff55\uff44\uff45",  # full-width
+    "sks person, p0rn",
+    "sks person, nu\u200bde",  # zero-width space
+    "sks person, n.u.d.e",
+    "sks person, s e x y",
+    "sks person, g\u00f6re",  # combining diaeresis once decomposed
+]
+
+
+@pytest.mark.parametrize("prompt", EVASIONS)
+def test_prompt_evasions_are_refused(api, prompt):
+    response = api("POST", "/users/alice/generations", body={**GOOD_BODY, "prompt": prompt})
+    assert response["statusCode"] == 400
+    assert "not allowed" in fields_of(response)["body.prompt"]
+
+
+def test_ordinary_prompts_that_contain_blocked_letters_pass(api):
+    """No substring matching: Sussex, kidding and 'the minority report' stay allowed."""
+    api.put_model("alice", "v1", "READY")
+    prompts = ["sks person in Sussex, just kidding", "sks person reading the minority report"]
+    for i, prompt in enumerate(prompts):
+        expect_invoke(api, f"gen{i:04d}")
+        response = api("POST", "/users/alice/generations", body={**GOOD_BODY, "prompt": prompt})
+        assert response["statusCode"] == 202, body_of(response)
+
+
+def test_negative_prompt_may_not_steer_away_from_clothing(api):
+    body = {**GOOD_BODY, "negative_prompt": "clothes, shirt"}
+    response = api("POST", "/users/alice/generations", body=body)
+    assert response["statusCode"] == 400
+    assert "negative_prompt" in " ".join(fields_of(response))
+
+
+def test_model_ready_email_suggestion_passes_the_api(api):
+    """The prompt the MODEL_READY email suggests is accepted by this API for every subject class
+    (on main the class list held "child", which the API refused)."""
+    from avatarflow import notifications, workflow
+
+    api.put_model("alice", "v1", "READY")
+    for i, subject_class in enumerate(workflow.SUBJECT_CLASSES):
+        subject, issues = workflow.training_subject({"token": "zwx", "subject_class": subject_class})
+        assert issues == []
+        mail = notifications.ready("alice", "b1", "v1", None, {**subject, "accepted": 8})
+        lines = mail["message"].splitlines()
+        (suggested,) = [line.strip() for line in lines if line.startswith("  a portrait")]
+        expect_invoke(api, f"gen{i:04d}")
+        response = api("POST", "/users/alice/generations", body={**GOOD_BODY, "prompt": suggested})
+        assert response["statusCode"] == 202, (subject_class, body_of(response))
+
+
+def test_generation_view_delivers_only_images_not_withheld(api):
+    generation_id = queue(api)
+    prefix = keys.generation_prefix("alice", generation_id)
+    images = [
+        {"key": f"{prefix}000.png", "withheld": False, "seed": 7, "identity_similarity": 0.61,
+         "moderation_labels": []},
+        {"withheld": True, "seed": 8, "identity_similarity": None,
+         "moderation_labels": [{"name": "Explicit", "parent": None, "confidence": 97.0, "level": 1}]},
+    ]
+    write_output(api, images, extra={"output_moderation": "rekognition", "withheld": 1})
+    assert api.notify(success_notice(api, generation_id)) == {"outcomes": ["COMPLETED"]}
+    out = body_of(api("GET", f"/users/alice/generations/{generation_id}"))
+    assert [i["seed"] for i in out["images"]] == [7]
+    assert out["withheld"] == 1 and out["output_moderation"] == "rekognition"
+
+
+def _toxicity_on(api, stack):
+    stack.with_environment("api", PROMPT_TOXICITY_CHECK="comprehend")
+    api.put_model("alice", "v1", "READY")
+
+
+def test_comprehend_toxicity_refuses_a_flagged_prompt(api, stack):
+    """Layer 3 in the cloud: DetectToxicContent answered by the stand-in (documented shapes, the
+    request checked against the service model and its limits), after the API role's IAM check."""
+    from avatarflow_local.moderation_stand_in import ModerationStandIn
+
+    _toxicity_on(api, stack)
+    judge = ModerationStandIn(toxicity=lambda text: {"VIOLENCE_OR_THREAT": 0.91} if "hurt" in text else {})
+    with judge:
+        response = api("POST", "/users/alice/generations",
+                       body={**GOOD_BODY, "prompt": "sks person who will hurt you"})
+        assert response["statusCode"] == 400
+        assert "VIOLENCE_OR_THREAT" in fields_of(response)["body.prompt"]
+        expect_invoke(api, "gen0000")
+        assert api("POST", "/users/alice/generations", body=GOOD_BODY)["statusCode"] == 202
+    ((operation, params),) = [c for c in judge.calls if c[0] == "comprehend:DetectToxicContent"][:1]
+    assert params["LanguageCode"] == "en"
+    assert params["TextSegments"] == [{"Text": "sks person who will hurt you"}]
+    assert api.enforcer.allowed[(ROLE, "comprehend:DetectToxicContent")] == 2
+
+
+def test_comprehend_unavailable_fails_closed(api, stack):
+    """Comprehend answering an error (InternalServerException): 503, nothing queued, never a pass."""
+    from avatarflow_local.moderation_stand_in import ModerationStandIn
+
+    _toxicity_on(api, stack)
+    with ModerationStandIn(fail_with="InternalServerException"):
+        response = api("POST", "/users/alice/generations", body=GOOD_BODY)
+    assert response["statusCode"] == 503
+    assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket=api.bucket, Prefix="requests/")

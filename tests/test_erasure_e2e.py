@@ -117,14 +117,17 @@ def test_delete_during_a_generation_leaves_nothing(tmp_path):
         # Hold the container after it generated, before it writes anything.
         engine = rt.endpoint.engine
         generated, release = threading.Event(), threading.Event()
-        safety = engine.safety
+        moderation = engine.moderation  # the output check, between generating and writing
 
-        def held(images):
-            generated.set()
-            assert release.wait(120)
-            return safety(images)
+        class Held:
+            status = moderation.status
 
-        engine.safety = held
+            def __call__(self, images):
+                generated.set()
+                assert release.wait(120)
+                return moderation(images)
+
+        engine.moderation = Held()
         token = rt.token(user)
         status, queued = call("POST", f"{rt.api_url}/users/{user}/generations", token,
                               {"prompt": "portrait of sks person", "num_images": 2, "steps": 2})

@@ -57,6 +57,12 @@ RESOURCE_STAR_ONLY = {
     "logs:PutResourcePolicy": "Step Functions logging: the log group's resource policy for delivery",
     "logs:DescribeResourcePolicies": "Step Functions logging (vended log delivery)",
     "logs:DescribeLogGroups": "Step Functions logging: lists log groups to find the destination",
+    # Content moderation (docs/security.md): these image/text analysis calls name no resource.
+    "rekognition:DetectModerationLabels": "moderation of uploads (preprocess_image) and generated images "
+    "(InferenceRole); image bytes in the request, no resource-level permissions",
+    "rekognition:DetectFaces": "AGE_RANGE of uploaded faces (preprocess_image); no resource-level "
+    "permissions",
+    "comprehend:DetectToxicContent": "prompt toxicity (ApiFunction); no resource-level permissions",
 }
 NEEDS_CONDITION = {"cloudwatch:PutMetricData": "cloudwatch:namespace"}
 

@@ -251,8 +251,9 @@ def test_result_json_images_seeds_timings(world):
     # Random tiny-model pixels hold no face: SFace similarity is null, but it was checked.
     assert result["identity_check"] == "checked"
     assert [img["identity_similarity"] for img in result["images"]] == [None, None, None]
-    assert result["safety_check"] == "not_configured"
-    assert all(img["nsfw"] is None for img in result["images"])
+    # No Rekognition, and the tiny model ships no safety checker: said plainly, nothing withheld.
+    assert result["output_moderation"] == "not_moderated" and result["withheld"] == 0
+    assert all(img["withheld"] is False and img["moderation_labels"] == [] for img in result["images"])
     timings = result["timings"]
     for name in ("adapter_fetch_ms", "adapter_load_ms", "generate_ms", "upload_ms", "total_ms"):
         assert timings[name] >= 0
@@ -284,19 +285,85 @@ def test_identity_similarity_uses_reference_embedding(world):
     assert [img["identity_similarity"] for img in result["images"]] == [pytest.approx(1.0)] * 2
 
 
-def test_safety_check_blacks_out_flagged_images(world):
+def _generation_files(s3, user, generation_id):
+    listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=keys.generation_prefix(user, generation_id))
+    return sorted(o["Key"].rsplit("/", 1)[-1] for o in listed.get("Contents", []))
+
+
+def test_safety_checker_withholds_flagged_images(world):
+    """The base model's own checker (no Rekognition): a flagged image is never written, has no
+    key, and is counted; the result says which check ran."""
     engine, client, s3 = world["engine"], world["client"], world["s3"]
-    real = engine.safety
-    engine.safety = SafetyChecker(lambda images: [i == 1 for i in range(len(images))])
+    real = engine.moderation
+    engine.moderation = inference_engine.CheckerModeration(
+        SafetyChecker(lambda images: [i == 1 for i in range(len(images))])
+    )
     try:
         result = client.post("/invocations", data=json.dumps(request("safe1", "alice"))).get_json()
     finally:
-        engine.safety = real
-    assert result["safety_check"] == "checked"
-    assert [img["nsfw"] for img in result["images"]] == [False, True]
-    assert result["nsfw_flagged"] == 1
-    assert read_png(s3, result["images"][1]["key"]).max() == 0
-    assert read_png(s3, result["images"][0]["key"]).max() > 0
+        engine.moderation = real
+    assert result["output_moderation"] == "safety_checker" and result["withheld"] == 1
+    kept, flagged = result["images"]
+    assert kept["withheld"] is False and kept["key"].endswith("000.png")
+    assert flagged["withheld"] is True and "key" not in flagged
+    assert flagged["moderation_labels"][0]["source"] == "safety_checker"
+    assert _generation_files(s3, "alice", "safe1") == ["000.png", "result.json"]
+
+
+# DetectModerationLabels' documented response (Rekognition API reference, taxonomy v7: a level-2
+# label with its level-1 parent), as botocore's Stubber checks it against the service model.
+EXPLICIT_RESPONSE = {
+    "ModerationLabels": [
+        {"Confidence": 97.2, "Name": "Explicit Nudity", "ParentName": "Explicit", "TaxonomyLevel": 2},
+        {"Confidence": 97.2, "Name": "Explicit", "ParentName": "", "TaxonomyLevel": 1},
+    ],
+    "ModerationModelVersion": "7.0",
+}
+SWIMWEAR_RESPONSE = {
+    "ModerationLabels": [
+        {"Confidence": 88.0, "Name": "Swimwear or Underwear", "ParentName": "", "TaxonomyLevel": 1},
+    ],
+    "ModerationModelVersion": "7.0",
+}
+
+
+def test_rekognition_output_moderation_withholds_by_policy(world):
+    """Every image goes to DetectModerationLabels (PNG bytes, the policy's MinConfidence); a label
+    under a withholding category withholds the image, others are recorded and delivered."""
+    from botocore.stub import ANY, Stubber
+
+    from avatarflow.moderation import ImagePolicy
+
+    engine, client, s3 = world["engine"], world["client"], world["s3"]
+    rekognition = boto3.client("rekognition", region_name="us-east-1")
+    stub = Stubber(rekognition)
+    expected = {"Image": {"Bytes": ANY}, "MinConfidence": 60.0}
+    stub.add_response("detect_moderation_labels", SWIMWEAR_RESPONSE, expected)
+    stub.add_response("detect_moderation_labels", EXPLICIT_RESPONSE, expected)
+    real = engine.moderation
+    engine.moderation = inference_engine.RekognitionModeration(rekognition, ImagePolicy(min_confidence=60.0))
+    try:
+        with stub:
+            result = client.post("/invocations", data=json.dumps(request("rek1", "alice"))).get_json()
+            stub.assert_no_pending_responses()
+    finally:
+        engine.moderation = real
+    assert result["output_moderation"] == "rekognition" and result["withheld"] == 1
+    swim, explicit = result["images"]
+    assert swim["withheld"] is False and swim["moderation_labels"][0]["name"] == "Swimwear or Underwear"
+    assert explicit["withheld"] is True and "key" not in explicit
+    assert {lb["name"] for lb in explicit["moderation_labels"]} == {"Explicit Nudity", "Explicit"}
+    assert _generation_files(s3, "alice", "rek1") == ["000.png", "result.json"]
+
+
+def test_container_refuses_a_blocked_combination(world):
+    """The container's last gate: whatever wrote the request, a blocked term never reaches the
+    pipeline (400 naming the field), and nothing is written."""
+    client, s3 = world["client"], world["s3"]
+    body = request("blk1", "alice", prompt="a nud\u0435 portrait")  # Cyrillic e
+    resp = client.post("/invocations", data=json.dumps(body))
+    assert resp.status_code == 400 and "prompt" in json.dumps(resp.get_json())
+    assert _generation_files(s3, "alice", "blk1") == []
 
 
 def test_diffusers_safety_checker_from_folder(tmp_path):

@@ -19,6 +19,7 @@ from workflow_harness import call, wait_generation
 
 from avatarflow import keys
 from avatarflow.sample_photos import one_person_batch, photo_bytes
+from avatarflow_local.moderation_stand_in import ModerationStandIn
 from avatarflow_local.runtime import LocalRuntime, Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,9 +33,27 @@ def fetch_png(url):
     return Image.open(__import__("io").BytesIO(data))
 
 
+class FirstGeneratedImageIsExplicit:
+    """The Rekognition stand-in's verdict: the first generated image (64 px, the tiny model's)
+    carries an Explicit label; uploaded photos (larger) carry none."""
+
+    def __init__(self):
+        self.flagged = 0
+
+    def __call__(self, image):
+        if image.size != (64, 64) or self.flagged:
+            return []
+        self.flagged += 1
+        return [{"Name": "Explicit Nudity", "ParentName": "Explicit", "Confidence": 96.5, "TaxonomyLevel": 2},
+                {"Name": "Explicit", "ParentName": "", "Confidence": 96.5, "TaxonomyLevel": 1}]
+
+
 def test_in_process_stack_upload_to_model_ready_to_generation(tmp_path):
+    """The whole path with the moderation layers on as deployed (a stand-in answers Rekognition
+    and Comprehend): uploads checked, a flagged output withheld and reported, never delivered."""
     user, batch = "ada", "b1"
-    settings = Settings(out_dir=tmp_path / "out", train_steps=3, progress=False)
+    judge = ModerationStandIn(image_labels=FirstGeneratedImageIsExplicit())
+    settings = Settings(out_dir=tmp_path / "out", train_steps=3, progress=False, moderation=judge)
     with LocalRuntime(settings) as rt:
         s3 = rt.client("s3")
         photos = [
@@ -96,16 +115,30 @@ def test_in_process_stack_upload_to_model_ready_to_generation(tmp_path):
         assert queued["status_url"].startswith(f"{api}/users/{user}/generations/")
         done = wait_generation(api, user, token, queued["generation_id"])
         assert done["status"] == "COMPLETED", done
-        assert [i["seed"] for i in done["images"]] == [5, 6]
+        # Image 0 (seed 5) was flagged: withheld, counted, never presigned.
+        assert [i["seed"] for i in done["images"]] == [6]
+        assert done["withheld"] == 1 and done["output_moderation"] == "rekognition"
         for image in done["images"]:
             assert fetch_png(image["url"]).size == (64, 64)
+        result_key = keys.result_key(user, queued["generation_id"])
+        result = json.loads(s3.get_object(Bucket=rt.bucket, Key=result_key)["Body"].read())
+        flagged = result["images"][0]
+        assert flagged["withheld"] is True and "key" not in flagged
+        assert {lb["name"] for lb in flagged["moderation_labels"]} == {"Explicit Nudity", "Explicit"}
+        assert result["withheld"] == 1 and result["output_moderation"] == "rekognition"
+        # Every layer ran, each as its role: uploads (moderation + faces), the prompt, the outputs.
+        called = [name for name, _ in judge.calls]
+        assert called.count("rekognition:DetectFaces") >= 8
+        assert called.count("comprehend:DetectToxicContent") == 1
+        allowed = rt.resources.enforcer.allowed
+        assert allowed[("avatarflow-local-InferenceRole", "rekognition:DetectModerationLabels")] == 2
         gen_row = ddb.Table(rt.resources.generations_table).get_item(
             Key={"generation_id": queued["generation_id"]}
         )["Item"]
         assert gen_row["status"] == "COMPLETED" and gen_row["output_location"].startswith(
             f"s3://{rt.bucket}/{keys.ASYNC_OUTPUT}"
         )
-        assert len(listed(keys.generation_prefix(user, queued["generation_id"]))) == 3  # 2 PNG + result.json
+        assert len(listed(keys.generation_prefix(user, queued["generation_id"]))) == 2  # 1 PNG + result.json
 
         # A bad model version is refused by the API; a failing invocation reaches FAILED via the error topic.
         assert (

@@ -65,8 +65,8 @@ def done(stack):
 RESULT = {
     "generation_id": GID,
     "images": [
-        {"key": f"{PREFIX}000.png", "seed": 11, "identity_similarity": 0.72},
-        {"key": f"{PREFIX}001.png", "seed": 12, "identity_similarity": None},
+        {"key": f"{PREFIX}000.png", "withheld": False, "seed": 11, "identity_similarity": 0.72},
+        {"key": f"{PREFIX}001.png", "withheld": False, "seed": 12, "identity_similarity": None},
     ],
     "timings": {"load_adapter_s": 0.4, "generate_s": 6.1},
 }
@@ -92,14 +92,47 @@ def failure(generation_id=GID, reason="ClientError: Received server error (500) 
     )
 
 
+WITHHELD = {
+    "moderation_labels": [{"name": "Explicit", "parent": None, "confidence": 97.2, "level": 1}],
+    "withheld": True, "seed": 13, "identity_similarity": None,
+}
+
+
+def test_withheld_images_are_counted_never_stored_for_delivery(done):
+    """result.json's contract (output moderation): an image with withheld true has no key and is
+    not among the row's images; one without withheld false is not delivered either."""
+    done.pending_row()
+    unmarked = {"key": f"{PREFIX}003.png", "seed": 14, "identity_similarity": None}
+    result = {**RESULT, "images": [RESULT["images"][0], WITHHELD, unmarked],
+              "output_moderation": "rekognition", "withheld": 1}
+    done.put_json("async-output/x1.out", result)
+    assert done(done.success()) == ["COMPLETED"]
+    row = done.row()
+    assert [i["key"] for i in gen.from_dynamo(row["images"])] == [f"{PREFIX}000.png"]
+    assert row["withheld"] == 1 and row["output_moderation"] == "rekognition"
+
+
+def test_every_image_withheld_still_completes(done):
+    """All withheld is a finished generation with nothing to deliver (and says so), not a failure."""
+    done.pending_row()
+    result = {**RESULT, "images": [WITHHELD], "output_moderation": "rekognition", "withheld": 1}
+    done.put_json("async-output/x1.out", result)
+    assert done(done.success()) == ["COMPLETED"]
+    row = done.row()
+    assert row["images"] == [] and row["withheld"] == 1
+
+
 def test_success_notice_completes_with_images_from_the_output(done):
     done.pending_row()
     done.put_json("async-output/x1.out", RESULT)
     assert done(done.success()) == ["COMPLETED"]
     row = done.row()
     assert row["status"] == "COMPLETED"
-    assert gen.from_dynamo(row["images"]) == RESULT["images"]
+    delivered = [{k: v for k, v in i.items() if k != "withheld"} for i in RESULT["images"]]
+    assert gen.from_dynamo(row["images"]) == delivered
     assert gen.from_dynamo(row["timings"]) == RESULT["timings"]
+    # A result without output_moderation (an older container) never reads as checked.
+    assert row["withheld"] == 0 and row["output_moderation"] == "not_moderated"
     assert row["output_location"] == f"s3://{done.bucket}/async-output/x1.out"
     # Every call was checked against the function's role from template.yaml.
     allowed = done.stack.enforcer.allowed
@@ -153,7 +186,8 @@ def test_images_outside_the_generation_folder_are_dropped(done):
     done.pending_row()
     done.put_json(
         "async-output/x1.out",
-        {"images": [RESULT["images"][0], {"key": "generations/bob/g9/000.png", "seed": 1}]},
+        {"images": [RESULT["images"][0],
+                    {"key": "generations/bob/g9/000.png", "seed": 1, "withheld": False}]},
     )
     assert done(done.success()) == ["COMPLETED"]
     images = gen.from_dynamo(done.row()["images"])

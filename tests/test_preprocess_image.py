@@ -173,3 +173,63 @@ def test_sample_event_runs(s3, preprocess):
     s3.put_object(Bucket=s3.bucket, Key=event["key"], Body=S.photo_bytes("grace_hopper"))
     result = preprocess(event)
     assert result["accepted"] is True and result["crop_key"].endswith("/images/000.png")
+
+
+# ---------------------------------------------------------------- upload moderation (issue 16)
+
+def _moderated(stack, **policy):
+    """The function as deployed with UploadModeration=rekognition (the template's default)."""
+    stack.with_environment("preprocess_image", UPLOAD_MODERATION="rekognition", **policy)
+
+
+def test_without_upload_moderation_the_result_says_so(s3, preprocess):
+    """The local stack's default (no Rekognition in moto): no call is made, and the result says so."""
+    key = upload(s3, "me.jpg", S.photo_bytes("grace_hopper"))
+    result = preprocess({"key": key, "index": 0})
+    assert result["accepted"] is True and result["upload_moderation"] == "off"
+
+
+def test_a_face_that_may_be_a_minors_is_rejected_with_a_plain_reason(s3, preprocess, stack):
+    from avatarflow_local.moderation_stand_in import ModerationStandIn
+
+    _moderated(stack)
+    key = upload(s3, "me.jpg", S.photo_bytes("grace_hopper"))
+    judge = ModerationStandIn(face_ages=lambda image: [(14, 19)])
+    with judge:
+        result = preprocess({"key": key, "index": 0})
+    assert result["accepted"] is False and result["reason"] == "possible_minor"
+    assert "under 18" in result["message"] and result["upload_moderation"] == "rekognition"
+    assert result["crop_key"] is None
+    assert "Contents" not in s3.list_objects_v2(Bucket=s3.bucket, Prefix=keys.dataset_prefix(USER, BATCH))
+    # The requests AWS would get: a JPEG of the whole photo (at most 1600 px), AGE_RANGE asked for.
+    (_, moderation_call), (_, faces_call) = judge.calls
+    assert Image.open(io.BytesIO(moderation_call["Image"]["Bytes"])).format == "JPEG"
+    assert max(Image.open(io.BytesIO(faces_call["Image"]["Bytes"])).size) <= 1600
+    assert faces_call["Attributes"] == ["AGE_RANGE"] and moderation_call["MinConfidence"] == 50.0
+    allowed = stack.enforcer.allowed
+    assert allowed[(ROLE, "rekognition:DetectModerationLabels")] == 1
+    assert allowed[(ROLE, "rekognition:DetectFaces")] == 1
+
+
+def test_minor_policy_likely_and_allow(s3, preprocess, stack):
+    from avatarflow_local.moderation_stand_in import ModerationStandIn
+
+    key = upload(s3, "me.jpg", S.photo_bytes("grace_hopper"))
+    with ModerationStandIn(face_ages=lambda image: [(16, 24)]):  # possibly, not likely, a minor
+        _moderated(stack, UPLOAD_MINOR_POLICY="likely")
+        assert preprocess({"key": key, "index": 0})["accepted"] is True
+        _moderated(stack, UPLOAD_MINOR_POLICY="possible")
+        assert preprocess({"key": key, "index": 0})["reason"] == "possible_minor"
+
+
+def test_flagged_content_is_rejected_and_an_adult_accepted(s3, preprocess, stack):
+    from avatarflow_local.moderation_stand_in import ModerationStandIn
+
+    _moderated(stack)
+    key = upload(s3, "me.jpg", S.photo_bytes("grace_hopper"))
+    underwear = [{"Name": "Swimwear or Underwear", "ParentName": "", "Confidence": 93.0, "TaxonomyLevel": 1}]
+    with ModerationStandIn(image_labels=lambda image: underwear):
+        result = preprocess({"key": key, "index": 0})
+    assert result["reason"] == "unsafe_content" and "content check" in result["message"]
+    with ModerationStandIn():  # no labels, an adult face
+        assert preprocess({"key": key, "index": 1})["accepted"] is True

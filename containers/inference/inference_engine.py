@@ -30,7 +30,7 @@ from aws_lambda_powertools import Logger
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from avatarflow import keys
+from avatarflow import keys, moderation
 from avatarflow.erasure import UserErased
 from avatarflow.ids import ID_PATTERN
 
@@ -117,6 +117,26 @@ def parse_request(body: bytes | str) -> GenerationRequest:
             name = ".".join(str(p) for p in e["loc"]) or "body"
             fields.setdefault(name, e["msg"])
         raise RequestInvalid(fields) from err
+
+
+def pipeline_prompt(prompt: str, token: str, subject_class: str, negative: str | None = None) -> str:
+    """The text the pipeline receives, checked by avatarflow.moderation as a whole: the API checked
+    the prompt and build_dataset the token and class, and this is the last gate before the GPU
+    (a request written by anything else, or a combination of parts, never reaches the model)."""
+    text = prompt_with_token(prompt, token, subject_class)
+    problems = {}
+    try:
+        moderation.check_prompt(text)
+    except moderation.BlockedText as err:
+        problems["prompt"] = str(err)
+    if negative:
+        try:
+            moderation.check_negative_prompt(negative)
+        except moderation.BlockedText as err:
+            problems["negative_prompt"] = str(err)
+    if problems:
+        raise RequestInvalid(problems)
+    return text
 
 
 def prompt_with_token(prompt: str, token: str, subject_class: str) -> str:
@@ -250,6 +270,71 @@ def safety_from_env(base_model: Path | None, device: str) -> SafetyChecker:
     return SafetyChecker(diffusers_safety_check(folder, device))
 
 
+@dataclass
+class Verdict:
+    withheld: bool
+    labels: list[dict]
+
+
+class CheckerModeration:
+    """Output moderation by the base model's own safety checker (SafetyChecker): status
+    "safety_checker" when one runs, else "not_moderated" (said plainly, never a silent ok)."""
+
+    def __init__(self, checker: SafetyChecker):
+        self.checker = checker
+        self.status = "safety_checker" if checker.check is not None else "not_moderated"
+
+    def __call__(self, images: list[Image.Image]) -> list[Verdict]:
+        flags = self.checker(images).flags
+        return [
+            Verdict(bool(f), [{"name": "nsfw_concept", "parent": None, "confidence": None, "level": None,
+                               "source": "safety_checker"}] if f else [])
+            for f in flags
+        ]
+
+
+class RekognitionModeration:
+    """Amazon Rekognition DetectModerationLabels on every generated image before anything is
+    written; avatarflow.moderation.ImagePolicy decides which labels withhold it."""
+
+    status = "rekognition"
+
+    def __init__(self, client, policy: moderation.ImagePolicy):
+        self.client = client
+        self.policy = policy
+
+    def __call__(self, images: list[Image.Image]) -> list[Verdict]:
+        verdicts = []
+        for image in images:
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")  # Rekognition reads PNG or JPEG bytes (at most 5 MB)
+            response = self.client.detect_moderation_labels(
+                Image={"Bytes": buf.getvalue()}, MinConfidence=self.policy.min_confidence
+            )
+            labels = self.policy.labels(response)
+            verdicts.append(Verdict(self.policy.withholds(labels), labels))
+        return verdicts
+
+
+OUTPUT_MODERATIONS = ("rekognition", "model")
+
+
+def output_moderation_from_env(env, safety: SafetyChecker, client=None):
+    """OUTPUT_MODERATION=rekognition (the template's default): Rekognition on every image, with
+    OUTPUT_MODERATION_MIN_CONFIDENCE / _CATEGORIES. "model" (or unset): the base model's own
+    safety checker when it ships one, else "not_moderated"."""
+    kind = (env.get("OUTPUT_MODERATION") or "model").strip().lower()
+    if kind not in OUTPUT_MODERATIONS:
+        raise ValueError(f"OUTPUT_MODERATION must be one of {OUTPUT_MODERATIONS}")
+    if kind == "rekognition":
+        if client is None:
+            import boto3
+
+            client = boto3.client("rekognition")
+        return RekognitionModeration(client, moderation.ImagePolicy.from_env("OUTPUT_MODERATION", env))
+    return CheckerModeration(safety)
+
+
 # --------------------------------------------------------------------------- identity
 def default_identity():
     """(embed_face, cosine) from the face intake module: one detector in the project."""
@@ -360,6 +445,7 @@ class Engine:
         compile_unet: bool = False,
         erased: Callable[[str], bool] | None = None,
         scheduler: str | None = None,
+        moderation: CheckerModeration | RekognitionModeration | None = None,
     ):
         self.pipe = pipe
         self.default_scheduler = scheduler or os.environ.get("AVATARFLOW_SCHEDULER") or DEFAULT_SCHEDULER
@@ -371,6 +457,7 @@ class Engine:
         self.bucket = bucket
         self.target_rank = max_rank
         self.safety = safety or SafetyChecker(None)
+        self.moderation = moderation or CheckerModeration(self.safety)
         self.identity = identity() if callable(identity) and identity is default_identity else identity
         self.compile_unet = compile_unet
         # avatarflow.erasure's check (user_id -> marked erased); None: no erasures table configured.
@@ -415,7 +502,8 @@ class Engine:
             s3,
             bucket,
             max_rank=int(env("AVATARFLOW_MAX_LORA_RANK", "64")),
-            safety=safety_from_env(base, device),
+            safety=(safety := safety_from_env(base, device)),
+            moderation=output_moderation_from_env(os.environ, safety),
             compile_unet=env("AVATARFLOW_COMPILE", "0") == "1",
             erased=_erasure_check_from_env(),
         )
@@ -639,7 +727,7 @@ class Engine:
         self._refuse_erased(req)
         t0 = time.perf_counter()
         adapter, source, fetch_ms = self.cache.get(req.user_id, req.model_version)
-        prompt = prompt_with_token(req.prompt, adapter.token, adapter.subject_class)
+        prompt = pipeline_prompt(req.prompt, adapter.token, adapter.subject_class, req.negative_prompt)
         negative = req.negative_prompt if req.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
         tokens = {name: prompt_token_count(self.pipe.tokenizer, text) for name, text in
                   (("prompt", prompt), ("negative_prompt", negative))}
@@ -682,14 +770,16 @@ class Engine:
 
         t = time.perf_counter()
         images = [Image.fromarray(a) for a in arrays]
-        safety = self.safety(images)
-        for i, flagged in enumerate(safety.flags):
-            if flagged:  # black out, never publish a flagged image
-                images[i] = Image.new("RGB", images[i].size)
+        # Checked before anything is written: a withheld image is never stored, so nothing can
+        # presign or link it; result.json records its labels.
+        verdicts = self.moderation(images)
+        if len(verdicts) != len(images):
+            raise RuntimeError("output moderation returned a wrong number of verdicts")
+        withheld = [v.withheld for v in verdicts]
         safety_ms = _ms(t)
 
         t = time.perf_counter()
-        similarity = self._identity(images, adapter.reference_embedding, safety.flags)
+        similarity = self._identity(images, adapter.reference_embedding, withheld)
         identity_ms = _ms(t)
 
         # The generation took seconds to minutes: a DELETE may have come meanwhile. Checked
@@ -698,14 +788,16 @@ class Engine:
         t = time.perf_counter()
         prefix = keys.generation_prefix(req.user_id, req.generation_id)
         entries = []
-        for i, image in enumerate(images):
-            key = f"{prefix}{i:03d}.png"
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            self.s3.put_object(Bucket=self.bucket, Key=key, Body=buf.getvalue(), ContentType="image/png")
-            entries.append(
-                {"key": key, "seed": seeds[i], "identity_similarity": similarity[i], "nsfw": safety.flags[i]}
-            )
+        for i, (image, verdict) in enumerate(zip(images, verdicts, strict=True)):
+            entry = {"seed": seeds[i], "identity_similarity": similarity[i], "withheld": verdict.withheld,
+                     "moderation_labels": verdict.labels}
+            if not verdict.withheld:
+                key = f"{prefix}{i:03d}.png"
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                self.s3.put_object(Bucket=self.bucket, Key=key, Body=buf.getvalue(), ContentType="image/png")
+                entry = {"key": key, **entry}
+            entries.append(entry)
         result = {
             "status": "COMPLETED",
             "generation_id": req.generation_id,
@@ -722,8 +814,8 @@ class Engine:
             "scheduler": scheduler,
             "prompt_tokens": tokens["prompt"],
             "images": entries,
-            "safety_check": safety.status,
-            "nsfw_flagged": sum(1 for f in safety.flags if f),
+            "output_moderation": self.moderation.status,
+            "withheld": sum(withheld),
             "identity_check": self._identity_status(adapter),
             "adapter": {"source": source, "switch": mode, "rank": adapter.rank},
             "timings": {

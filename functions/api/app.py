@@ -37,7 +37,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from avatarflow import __version__, erasure, keys
+from avatarflow import __version__, erasure, keys, moderation
 from avatarflow import generations as gen
 from avatarflow.ids import ID_PATTERN, InvalidIdError, new_id, validate_id
 from avatarflow.workflow import MAX_BATCH_PHOTOS
@@ -63,33 +63,6 @@ MAX_JSON_DEPTH = 32
 # A 400 lists at most this many errors, each field and reason cut to MAX_ERROR_TEXT characters.
 MAX_ERRORS = 10
 MAX_ERROR_TEXT = 200
-
-# A deliberately small, conservative list: the endpoint's output safety checker is the
-# real guard; this only turns away prompts that plainly ask for abuse before a GPU spins up.
-BLOCKED_TERMS = (
-    "nude",
-    "naked",
-    "nsfw",
-    "porn",
-    "pornographic",
-    "sex",
-    "sexual",
-    "topless",
-    "undressed",
-    "lingerie",
-    "genitals",
-    "child",
-    "children",
-    "minor",
-    "underage",
-    "gore",
-    "beheaded",
-    "decapitated",
-    "mutilated",
-    "corpse",
-    "swastika",
-)
-_BLOCKED_RE = re.compile(r"\b(" + "|".join(map(re.escape, BLOCKED_TERMS)) + r")\b", re.IGNORECASE)
 
 # CORS only for another origin named at deploy time (CorsAllowOrigin): the stack's web app calls
 # the API on its own origin through CloudFront (/api/*) and needs none.
@@ -121,6 +94,7 @@ def aws() -> SimpleNamespace:
         runtime=boto3.client("sagemaker-runtime"),
         dynamodb=boto3.resource("dynamodb"),
         sqs=boto3.client("sqs"),
+        comprehend=boto3.client("comprehend"),
     )
 
 
@@ -152,10 +126,17 @@ class GenerationBody(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _moderate(cls, prompt: str) -> str:
-        # The negative prompt is not moderated: "nsfw, nude" there is how people avoid it.
-        if _BLOCKED_RE.search(prompt):
-            raise ValueError("prompt contains a term that is not allowed")
+        # avatarflow.moderation: normalised text against the word list (Comprehend runs in the route).
+        moderation.check_prompt(prompt)
         return prompt
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_rules(cls, negative: str | None) -> str | None:
+        # Blocked terms are allowed here ("nsfw, nude" is how people avoid them); clothing is not.
+        if negative:
+            moderation.check_negative_prompt(negative)
+        return negative
 
 
 class UploadFile(BaseModel):
@@ -395,6 +376,23 @@ def _image_view(item: dict, user_id: str, generation_id: str, ttl: int) -> dict 
     }
 
 
+def _screen_toxicity(prompt: str) -> None:
+    """The cloud layer of avatarflow.moderation (PROMPT_TOXICITY_CHECK=comprehend): Comprehend
+    DetectToxicContent after the word list. Fails closed: 503 when Comprehend cannot answer."""
+    policy = moderation.ToxicityPolicy.from_env()
+    if not policy.enabled:
+        return
+    try:
+        labels = moderation.toxicity_labels(aws().comprehend, prompt, policy)
+    except (ClientError, BotoCoreError) as err:
+        logger.error("prompt toxicity check failed", extra={"error": type(err).__name__})
+        raise ServiceUnavailableError("the prompt could not be checked right now; try again later") from None
+    if labels:
+        metrics.add_metric(name="PromptsRefusedToxic", unit=MetricUnit.Count, value=1)
+        raise FieldErrors([{"field": "body.prompt",
+                            "reason": "the prompt was flagged by the toxicity check: " + ", ".join(labels)}])
+
+
 # --------------------------------------------------------------------------- routes
 
 
@@ -483,6 +481,7 @@ def list_models(user_id: str):
 @tracer.capture_method
 def create_generation(user_id: str, body: Annotated[GenerationBody, Body()]):
     _refuse_if_erased(user_id)
+    _screen_toxicity(body.prompt)
     model = _pick_model(user_id, body.model_version)
     generation_id = new_id()
     logger.append_keys(generation_id=generation_id)
@@ -591,9 +590,13 @@ def get_generation(user_id: str, generation_id: str):
     }
     if row.get("status") == gen.COMPLETED:
         ttl = _int_env("IMAGE_URL_TTL_SECONDS", 900)
-        images = [_image_view(item, user_id, generation_id, ttl) for item in row.get("images", [])]
+        # Only delivered images: a withheld one (output moderation) was never written or stored here.
+        images = [_image_view(item, user_id, generation_id, ttl) for item in row.get("images", [])
+                  if not item.get("withheld")]
         view["images"] = [i for i in images if i is not None]
         view["expires_in"] = ttl
+        view["withheld"] = int(gen.from_dynamo(row.get("withheld")) or 0)
+        view["output_moderation"] = row.get("output_moderation") or "not_moderated"
     elif row.get("status") == gen.FAILED:
         view["error"] = row.get("error") or "generation failed"
     return view

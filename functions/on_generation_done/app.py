@@ -76,14 +76,18 @@ def _result_of(notice: gen.AsyncNotice, row: dict) -> dict | None:
 
 
 def _images_of(result: dict, row: dict) -> list[dict] | None:
-    """[{key, seed, identity_similarity}] restricted to this generation's own folder."""
+    """[{key, seed, identity_similarity}] of the delivered images (withheld == false, the output
+    moderation's verdict), restricted to this generation's own folder."""
     prefix = keys.generation_prefix(row["user_id"], row["generation_id"])
     images = result.get("images")
     if not isinstance(images, list):
         return None
     clean = []
     for item in images:
-        if not isinstance(item, dict) or not isinstance(item.get("key"), str):
+        # A withheld image (output moderation) has no key: it was never written, never delivered.
+        if not isinstance(item, dict) or item.get("withheld") is not False:
+            continue
+        if not isinstance(item.get("key"), str):
             continue
         if not item["key"].startswith(prefix):
             logger.warning("output names an image outside the generation folder; ignored")
@@ -98,6 +102,19 @@ def _images_of(result: dict, row: dict) -> list[dict] | None:
             }
         )
     return clean
+
+
+def _withheld_of(result: dict | None) -> int:
+    """How many images the output moderation withheld (result.json's top-level count)."""
+    count = (result or {}).get("withheld")
+    return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else 0
+
+
+def _moderation_of(result: dict) -> str:
+    """rekognition | safety_checker | not_moderated; anything else (an older container) reads
+    as not moderated, never as checked."""
+    value = result.get("output_moderation")
+    return value if value in ("rekognition", "safety_checker") else "not_moderated"
 
 
 def _finish(generation_id: str, values: dict) -> bool:
@@ -151,8 +168,10 @@ def handle_notice(message: dict) -> str:
     if notice.completed:
         result = _result_of(notice, row)
         images = _images_of(result, row) if result is not None else None
-        if images:
-            values = {"status": gen.COMPLETED, "images": images, "updated_at": now}
+        withheld = _withheld_of(result)
+        if images or (images is not None and withheld):
+            values = {"status": gen.COMPLETED, "images": images, "updated_at": now, "withheld": withheld,
+                      "output_moderation": _moderation_of(result)}
             if notice.output_location:
                 values["output_location"] = notice.output_location
             if isinstance(result.get("timings"), dict):
@@ -175,7 +194,10 @@ def handle_notice(message: dict) -> str:
     if not _finish(generation_id, values):
         metrics.add_metric(name="NoticesDuplicate", unit=MetricUnit.Count, value=1)
         return "duplicate"
-    logger.info("generation finished", extra={"status": outcome, "images": len(values.get("images", []))})
+    logger.info("generation finished", extra={"status": outcome, "images": len(values.get("images", [])),
+                                              "withheld": values.get("withheld", 0)})
+    if values.get("withheld"):
+        metrics.add_metric(name="ImagesWithheld", unit=MetricUnit.Count, value=values["withheld"])
     metrics.add_metric(
         name="GenerationsCompleted" if outcome == gen.COMPLETED else "GenerationsFailed",
         unit=MetricUnit.Count,

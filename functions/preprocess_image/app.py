@@ -4,6 +4,13 @@ Called by the PrepareImages Map of statemachines/train_avatar.asl.json with
 {"key": "uploads/<user_id>/<batch_id>/<name>", "index": <Map item index>, "resolution": 512}.
 A bad photo is a normal result (accepted false + reason); only infrastructure errors
 (S3 unavailable, model files corrupt) raise, so that Step Functions retries them.
+
+With UPLOAD_MODERATION=rekognition (the template's default) each photo the face gate accepts is
+also sent (as a JPEG of at most 1600 px) to Rekognition DetectModerationLabels and DetectFaces
+(AGE_RANGE): flagged content is rejected as `unsafe_content`, a face that may be a minor's
+(UPLOAD_MINOR_POLICY, avatarflow.moderation.minor_face) as `possible_minor`. Every result says
+which check ran (`upload_moderation`: "rekognition" or "off"; the local stack runs "off" unless a
+stand-in answers these calls).
 """
 
 import io
@@ -14,13 +21,18 @@ from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import ClientError
 
-from avatarflow import faces, keys
+from avatarflow import faces, keys, moderation
 
 logger = Logger()
 tracer = Tracer()
 metrics = Metrics()
 
 MIN_RESOLUTION, MAX_RESOLUTION = 64, 2048
+
+
+def _upload_moderation() -> str:
+    setting = os.environ.get("UPLOAD_MODERATION", "off").strip().lower()
+    return "rekognition" if setting == "rekognition" else "off"
 
 
 def _result(key, name, *, accepted=False, reason=None, crop_key=None, face=None, skipped=False):
@@ -32,6 +44,7 @@ def _result(key, name, *, accepted=False, reason=None, crop_key=None, face=None,
         "message": faces.REASON_MESSAGES.get(reason) if reason else None,
         "crop_key": crop_key,
         "face": face,
+        "upload_moderation": _upload_moderation(),
     }
     if skipped:
         out["skipped"] = True  # request.json sits beside the photos; it is not a photo
@@ -60,6 +73,24 @@ def _write_crop(bucket: str, key: str, crop) -> None:
     buffer = io.BytesIO()
     crop.save(buffer, "PNG")
     boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=buffer.getvalue(), ContentType="image/png")
+
+
+@tracer.capture_method
+def _moderate(data: bytes, settings: faces.IntakeSettings) -> tuple[str | None, list[dict]]:
+    """(rejection reason or None, the moderation labels found) for an accepted photo."""
+    if _upload_moderation() != "rekognition":
+        return None, []
+    policy = moderation.ImagePolicy.from_env("UPLOAD_MODERATION")
+    image = {"Bytes": faces.moderation_jpeg(data, settings)}
+    rekognition = boto3.client("rekognition")
+    found = rekognition.detect_moderation_labels(Image=image, MinConfidence=policy.min_confidence)
+    labels = policy.labels(found)
+    if policy.withholds(labels):
+        return "unsafe_content", labels
+    details = rekognition.detect_faces(Image=image, Attributes=["AGE_RANGE"]).get("FaceDetails", [])
+    if moderation.minor_face(details, os.environ.get("UPLOAD_MINOR_POLICY", "possible")):
+        return "possible_minor", labels
+    return None, labels
 
 
 @logger.inject_lambda_context
@@ -109,6 +140,15 @@ def handler(event, context):
         metrics.add_dimension("reason", analysis.verdict)
         metrics.add_metric(name="PhotosRejected", unit=MetricUnit.Count, value=1)
         return _result(key, upload.name, reason=analysis.verdict, face=analysis.face_dict())
+
+    reason, labels = _moderate(data, settings)
+    if reason:
+        # Label names only (no image content, no prompt): what the operator needs to review.
+        names = [x["name"] for x in labels]
+        logger.info("photo rejected by moderation", extra={"reason": reason, "labels": names})
+        metrics.add_dimension("reason", reason)
+        metrics.add_metric(name="PhotosRejected", unit=MetricUnit.Count, value=1)
+        return _result(key, upload.name, reason=reason)
 
     crop_key = keys.crop_key(upload.user_id, upload.batch_id, index)
     _write_crop(bucket, crop_key, analysis.crop)

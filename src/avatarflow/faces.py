@@ -95,6 +95,10 @@ REASON_MESSAGES: dict[str, str] = {
     "duplicate": "This photo is a near-duplicate of another photo in the batch.",
     "different_person": "The face in this photo does not match the person in the other photos.",
     "photo_deleted": "The photo was deleted before we could check it.",
+    "unsafe_content": "Our content check flagged this photo (for example nudity, underwear or violence), so"
+    " it cannot be used for training. Please use an ordinary, fully clothed portrait.",
+    "possible_minor": "The person in this photo may be under 18. We only make avatar models of adults, so"
+    " this photo cannot be used.",
 }
 REASONS = tuple(REASON_MESSAGES)
 
@@ -309,6 +313,15 @@ class PhotoAnalysis:
 
 def _bgr(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
+
+
+def moderation_jpeg(data: bytes, settings: IntakeSettings = DEFAULT_SETTINGS, max_side: int = 1600) -> bytes:
+    """The whole upright photo as a JPEG of at most `max_side` px, for Rekognition (which reads
+    only JPEG/PNG bytes up to 5 MB; uploads may be HEIC/WEBP/AVIF and up to 30 MB)."""
+    image, _ = _decode(data, settings, max_side)
+    buffer = io.BytesIO()
+    _fit(image, max_side).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def _fit(image: Image.Image, max_side: int) -> Image.Image:

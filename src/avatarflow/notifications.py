@@ -94,6 +94,25 @@ def _ignored_lines(dataset: dict) -> list[str]:
     return lines
 
 
+def _moderation_lines(rejections: list[dict]) -> list[str]:
+    """Plain words for the photos the content checks turned away (preprocess_image's
+    `possible_minor` / `unsafe_content`): why, and that trying again will not change it."""
+    reasons = {item.get("reason") for item in rejections}
+    lines = []
+    if "possible_minor" in reasons:
+        lines.append(
+            "About the photos marked as possibly under 18: we estimate age from the face, and we only make"
+            " avatar models of adults. If the person in those photos is under 18, please do not upload"
+            " them again. If they are an adult, photos in good light, facing the camera, help the estimate."
+        )
+    if "unsafe_content" in reasons:
+        lines.append(
+            "About the photos our content check flagged: photos showing nudity, underwear, violence or"
+            " disturbing content are never used for training. Please use ordinary, fully clothed portraits."
+        )
+    return ["", *lines] if lines else []
+
+
 def _request_lines(dataset: dict) -> list[str]:
     return [f"Note on your request.json: {issue}." for issue in dataset.get("request_issues") or []]
 
@@ -128,6 +147,7 @@ def ready(user_id: str, batch_id: str, version: str, metrics: dict | None, datas
     rejections = dataset.get("rejections") or []
     if rejections:
         lines += ["", "These photos were not used:", *_rejection_lines(rejections)]
+        lines += _moderation_lines(rejections)
     lines += _ignored_lines(dataset)
     request_lines = _request_lines(dataset)
     if request_lines:
@@ -180,6 +200,7 @@ def rejected(user_id: str, batch_id: str, dataset: dict) -> dict:
         ]
         if rejections:
             lines += ["", "Photos we could not use, and why:", *_rejection_lines(rejections)]
+            lines += _moderation_lines(rejections)
         next_step = (
             "What to do next: make a new batch of 10-15 photos of the same person"
             + (", starting with the good photos listed above" if kept else "")

@@ -4,6 +4,7 @@ notification events (SNS message attribute `event`)."""
 import hashlib
 import re
 
+from avatarflow import moderation
 from avatarflow.ids import validate_id
 
 MODEL_READY = "MODEL_READY"
@@ -45,10 +46,12 @@ def execution_input(user_id: str, batch_id: str) -> dict:
 
 
 # What a user may choose in request.json for training (design.md: {"token", "subject_class"}).
-# Both end up inside prompts, so they are checked against a tight pattern / list.
+# Both end up inside every prompt, so they are checked against a tight pattern / list and the
+# prompt policy (avatarflow.moderation). "child" is not a class: prompts may not ask for one,
+# and photos whose face may be a minor's are rejected at intake (preprocess_image).
 DEFAULT_TOKEN = "sks"  # noqa: S105 - the DreamBooth identifier token, not a secret
 DEFAULT_SUBJECT_CLASS = "person"
-SUBJECT_CLASSES = ("person", "man", "woman", "boy", "girl", "child")
+SUBJECT_CLASSES = ("person", "man", "woman", "boy", "girl")
 TOKEN_PATTERN = re.compile(r"^[a-z]{3,12}$")
 
 
@@ -67,6 +70,12 @@ def training_subject(request: object) -> tuple[dict, list[str]]:
     if subject_class not in SUBJECT_CLASSES:
         allowed = ", ".join(SUBJECT_CLASSES)
         issues.append(f"subject_class must be one of {allowed}; using '{DEFAULT_SUBJECT_CLASS}'")
+        subject_class = DEFAULT_SUBJECT_CLASS
+    if token != DEFAULT_TOKEN and moderation.blocked_terms(token):
+        issues.append(f"token is a word that prompts may not contain; using '{DEFAULT_TOKEN}'")
+        token = DEFAULT_TOKEN
+    if subject_class != DEFAULT_SUBJECT_CLASS and moderation.blocked_terms(subject_class):
+        issues.append(f"subject_class is a word prompts may not contain; using '{DEFAULT_SUBJECT_CLASS}'")
         subject_class = DEFAULT_SUBJECT_CLASS
     if token == subject_class:
         issues.append(f"token must differ from the subject class; using '{DEFAULT_TOKEN}'")

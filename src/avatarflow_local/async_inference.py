@@ -71,6 +71,7 @@ class AsyncEndpoint:
         on_done: Callable[[Invocation, int, dict], None] | None = None,
         role_arn: str | None = None,
         erasures_table: str | None = None,
+        environment: dict[str, str] | None = None,
     ):
         self.endpoint_name = endpoint_name
         self.bucket = bucket
@@ -85,6 +86,8 @@ class AsyncEndpoint:
         self.role_arn = role_arn
         # The container's ERASURES_TABLE: it checks the erasure mark before generating and writing.
         self.erasures_table = erasures_table
+        # The model's Environment from the template (OUTPUT_MODERATION and its policy).
+        self.environment = dict(environment or {})
         self.jobs: queue.Queue[Invocation] = queue.Queue()
         self.done: list[tuple[Invocation, int]] = []
         self.app = None
@@ -113,9 +116,13 @@ class AsyncEndpoint:
         if self.erasures_table:
             table = boto3.resource("dynamodb", region_name=REGION).Table(self.erasures_table)
             erased = erasure.checker(table)
+        safety = engine_mod.safety_from_env(self.base_model, device)
+        # OUTPUT_MODERATION=rekognition needs a Rekognition: locally only a stand-in answers it
+        # (avatarflow_local.moderation_stand_in), else the model's own checker or "not_moderated".
+        rekognition = boto3.client("rekognition", region_name=REGION)
+        moderation = engine_mod.output_moderation_from_env(self.environment, safety, rekognition)
         self.engine = engine_mod.Engine(
-            pipe, cache, self.s3, self.bucket, safety=engine_mod.safety_from_env(self.base_model, device),
-            erased=erased,
+            pipe, cache, self.s3, self.bucket, safety=safety, erased=erased, moderation=moderation,
         )
         self.app = server.create_app(self.engine).test_client()
         self.load_seconds = time.monotonic() - t0

@@ -303,6 +303,11 @@ def requests_for(service: str, operation: str, params: dict, region: str, accoun
     if service == "events" and operation in ("PutRule", "PutTargets", "DescribeRule"):
         rule = params.get("Name") or params["Rule"]
         return [Request(f"events:{operation}", _arn("events", *here, f"rule/{rule}"))]
+    # Content moderation: AWS evaluates these on Resource "*" (no resource-level permissions).
+    if service == "rekognition" and operation in ("DetectModerationLabels", "DetectFaces"):
+        return [Request(f"rekognition:{operation}", "*")]
+    if service == "comprehend" and operation == "DetectToxicContent":
+        return [Request("comprehend:DetectToxicContent", "*")]
     if service == "cloudwatch" and operation == "PutMetricData":
         return [Request("cloudwatch:PutMetricData", "*", {"cloudwatch:namespace": (params["Namespace"],)})]
     raise UnmappedCall(f"{service}:{operation}")
@@ -380,7 +385,9 @@ _CHECKED_KEY = "avatarflow_iam_checked"
 # Local stand-ins answer these calls from their own before-call handlers (lambda_hook,
 # async_inference); botocore runs handlers of a more specific event first, so the check
 # is also registered first on exactly these events.
-INTERCEPTED = ("before-call.lambda.Invoke", "before-call.sagemaker-runtime.InvokeEndpointAsync")
+INTERCEPTED = ("before-call.lambda.Invoke", "before-call.sagemaker-runtime.InvokeEndpointAsync",
+               "before-call.rekognition.DetectModerationLabels", "before-call.rekognition.DetectFaces",
+               "before-call.comprehend.DetectToxicContent")
 
 
 def _keep_params(params: dict, context: dict, **_kwargs) -> None:

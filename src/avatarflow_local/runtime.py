@@ -46,6 +46,7 @@ from avatarflow_local.functions import REPO_ROOT, load_fresh_handler
 from avatarflow_local.http_api import HttpApi
 from avatarflow_local.lambda_hook import LambdaHook
 from avatarflow_local.local_issuer import LocalIssuer
+from avatarflow_local.moderation_stand_in import ModerationStandIn
 from avatarflow_local.web_server import WebServer, security_headers
 from avatarflow_local.workflow_stack import REGION, LocalStackResources, create_local_stack
 
@@ -101,6 +102,10 @@ class Settings:
     web_dist: Path | None = None  # the built web app (web/dist): served when given
     web_port: int = 0
     web_poll_ms: int = 1000  # how often the app polls a running step (the cloud's: 3 s)
+    # A stand-in for Rekognition/Comprehend (moto has neither): with one, the stack runs the
+    # moderation layers as deployed (the template's defaults); without, they are off and the
+    # results say so (workflow_stack.LOCAL_PARAMETERS).
+    moderation: ModerationStandIn | None = None
 
     @property
     def tiny(self) -> bool:
@@ -253,6 +258,10 @@ class LocalRuntime:
         # JwtAudience): the HttpApi's JwtConfiguration resolves to its URL and client id.
         self.issuer = LocalIssuer(s.host, s.issuer_port).start()
         parameters = {"JwtIssuer": self.issuer.issuer, "JwtAudience": self.issuer.client_id}
+        if s.moderation is not None:
+            parameters.update(PromptToxicityCheck="comprehend", OutputModeration="rekognition",
+                              UploadModeration="rekognition")
+            s.moderation.__enter__()
         forkserver.warm_up()  # training's interpreter imports torch while the stack is built
         self.resources = r = create_local_stack(s.stack_name, parameters, **overrides)
         if s.tiny:  # the template's contract: the base model is an S3 prefix (a few MB here)
@@ -297,6 +306,7 @@ class LocalRuntime:
             progress=s.progress,
             role_arn=r.inference_role_arn,
             erasures_table=r.inference_environment.get("ERASURES_TABLE"),
+            environment=r.inference_environment,
             on_done=lambda job, status, body: self.on_event(
                 "endpoint",
                 f"generation {job.inference_id}: HTTP {status} ({len(body.get('images', []))} images)"
@@ -373,6 +383,8 @@ class LocalRuntime:
         if self._enforcing is not None:
             self._enforcing.__exit__(None, None, None)
             self._enforcing = None
+        if self.settings.moderation is not None:
+            self.settings.moderation.__exit__(None, None, None)
         from moto.core.config import default_user_config
 
         if self._saved_sfn_config is not None:

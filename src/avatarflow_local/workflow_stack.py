@@ -18,6 +18,7 @@ import boto3
 import yaml
 
 from avatarflow_local import iam, training_job
+from avatarflow_local import moderation_stand_in as _moderation_stand_in  # noqa: F401 - its botocore hooks
 from avatarflow_local.functions import REPO_ROOT
 from avatarflow_local.lambda_hook import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, FunctionSpec, function_name_of
 
@@ -76,6 +77,12 @@ def lambda_arn(name: str) -> str:
 def definition_substitution_keys(template: dict | None = None) -> dict:
     template = template or load_template()
     return template["Resources"][STATE_MACHINE]["Properties"]["DefinitionSubstitutions"]
+
+
+# Template parameters whose AWS services moto does not implement (Rekognition moderation and
+# faces, Comprehend toxicity): off locally, so no call is made and the results say so, unless
+# a caller turns them on with a stand-in (avatarflow_local.moderation_stand_in).
+LOCAL_PARAMETERS = {"PromptToxicityCheck": "off", "OutputModeration": "model", "UploadModeration": "off"}
 
 
 def local_substitutions(bucket: str, table: str, topic_arn: str, **overrides: str) -> dict[str, str]:
@@ -393,7 +400,7 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
     """Every resource of template.yaml that the handlers, the state machine and the local
     stand-ins use, created against the AWS endpoint boto3 is pointed at (moto)."""
     template = load_template()
-    res = TemplateResolver(template, stack_name, parameters)
+    res = TemplateResolver(template, stack_name, {**LOCAL_PARAMETERS, **(parameters or {})})
     phys = res.physical
     arn = f"{REGION}:{ACCOUNT}"
 

@@ -54,6 +54,8 @@ export interface GenerationView {
   generation_id: string;
   status: string;
   images?: ImageView[];
+  /** Images the output moderation held back (never delivered). */
+  withheld?: number;
   error?: string;
 }
 export interface PackStyle {

@@ -343,7 +343,8 @@ function generateStep(config: AppConfig, api: Api): { el: HTMLElement; ready: ()
           for (;;) {
             const view = await api.generation(generation_id);
             if (view.status === "COMPLETED") {
-              state.textContent = `Done: ${view.images?.length ?? 0} images.`;
+              const withheld = view.withheld ? ` ${view.withheld} more held back by the safety check.` : "";
+              state.textContent = `Done: ${view.images?.length ?? 0} images.${withheld}`;
               replace(results, gallery(view.images ?? [], "Generated", note));
               break;
             }

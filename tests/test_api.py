@@ -88,6 +88,7 @@ ROUTES = [
     ("POST", "/users/{u}/generations", GOOD_BODY),
     ("GET", "/users/{u}/generations/gen0000", None),
     ("DELETE", "/users/{u}", None),
+    ("GET", "/users/{u}/usage", None),
 ]
 
 
@@ -507,6 +508,9 @@ def test_openapi_document_is_up_to_date(api):
         "/users/{user_id}/generations/{generation_id}",
         "/users/{user_id}",
         "/users/{user_id}/deletion",
+        "/users/{user_id}/usage",
+        "/admin/users",
+        "/admin/users/{user_id}",
     }
 
 

@@ -125,6 +125,9 @@ def _cloud_physical(template: dict, stack: str) -> dict[str, dict[str, str]]:
         if kind in ("AWS::Serverless::Function", "AWS::Lambda::Function"):
             physical[lid] = {"Ref": f"{stack}-{lid}-A1B2C3", "Arn":
                              f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{stack}-{lid}-A1B2C3"}
+            alias = res.get("Properties", {}).get("AutoPublishAlias")
+            if alias:  # SAM's `!Ref Function.Alias`: the alias ARN
+                physical[f"{lid}.Alias"] = {"Ref": f"{physical[lid]['Arn']}:{alias}"}
         elif kind == "AWS::IAM::Role":
             physical[lid] = {"Arn": f"arn:aws:iam::{ACCOUNT}:role/{stack}-{lid}-A1B2C3"}
         elif kind == "AWS::SNS::Topic":
@@ -379,6 +382,9 @@ def _function_timeouts(template: dict, subs_template: dict) -> dict[str, int]:
             res = template["Resources"][lid]
             if attribute == "Arn" and res["Type"] == "AWS::Serverless::Function":
                 out[key] = int(res["Properties"].get("Timeout", default))
+        elif isinstance(value, dict) and str(value.get("Ref", "")).endswith(".Alias"):  # the live alias
+            res = template["Resources"][value["Ref"].removesuffix(".Alias")]
+            out[key] = int(res["Properties"].get("Timeout", default))
     return out
 
 

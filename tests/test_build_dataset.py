@@ -203,3 +203,31 @@ def test_sample_event_runs(stack):
     out = stack.call("build_dataset", event)
     assert out["accepted"] == 1 and out["rejected"] == 1 and out["enough"] is False
     assert out["rejections"][0]["reason"] == "blurry"
+
+
+def test_batch_over_the_days_training_quota_is_rejected_with_when_to_retry(s3, run, person, stack):
+    """Enough photos, but the user's training batches for the UTC day are spent: not enough to
+    train, `quota` says until when; the rejection email (notify) says when to try again. The
+    same batch run again is not counted twice."""
+    from avatarflow import usage
+
+    stack.with_environment("build_dataset", QUOTA_BATCHES_PER_DAY="2")
+    table = boto3.resource("dynamodb").Table(stack.resources.physical["UsageTable"]["Ref"])
+    usage.take_batch(table, USER, "earlier", 2)
+    _, first = run(s3, person[:8])
+    assert first["enough"] is True and first["quota"] is None
+    _, again = run(s3, person[:8])  # a retried BuildDataset: counted once
+    assert again["enough"] is True and usage.today(table, USER)["batches"] == 2
+    usage.take_batch(table, "someone-else", "x", 2)  # other users' counters are their own
+    table.update_item(Key={"user_id": USER, "period": usage.day_key()},
+                      UpdateExpression="DELETE batch_ids :b", ExpressionAttributeValues={":b": {BATCH}})
+    _, over = run(s3, person[:8])  # this batch id is no longer among the counted ones: a new batch
+    assert over["enough"] is False and over["accepted"] == 8
+    assert over["quota"] == {"kind": "batches", "limit": 2, "used": 2,
+                             "retry_at": usage.next_day().isoformat(timespec="seconds")}
+    assert manifest(s3)["enough"] is False
+    mail = stack.call("notify", {"event": "MODEL_REJECTED", "user_id": USER, "batch_id": BATCH,
+                                 "dataset": over})
+    assert "limit" in mail["subject"].lower()
+    when = usage.next_day().strftime("%Y-%m-%d %H:%M")
+    assert f"Try again after {when} UTC" in mail["message"] and "today's limit of 2" in mail["message"]

@@ -258,7 +258,8 @@ def test_changing_the_inference_instance_type_replaces_the_endpoint_and_its_scal
     for lid, (action, old, new) in plan.items():
         if template["Resources"][lid]["Type"].startswith("AWS::ApplicationAutoScaling::"):
             assert action == "replace", f"{lid} would stay attached to the old endpoint"
-        if template["Resources"][lid]["Type"] == "AWS::CloudWatch::Alarm":
+        watches_endpoint = any(d["Name"] == "EndpointName" for d in old.get("Dimensions", []))
+        if template["Resources"][lid]["Type"] == "AWS::CloudWatch::Alarm" and watches_endpoint:
             assert old["Dimensions"] != new["Dimensions"], f"{lid} would keep watching the old endpoint"
     # The model did not change: a new image is an in-place update, which SageMaker allows on a
     # scaled variant (blue/green, same endpoint name, no new scaling resources).
@@ -407,6 +408,10 @@ def _task_timeouts(template: dict) -> dict[str, list[int | None]]:
     by_placeholder = {
         f"${{{k}}}": v["Fn::GetAtt"][0] for k, v in subs.items() if isinstance(v, dict) and "Fn::GetAtt" in v
     }
+    by_placeholder.update({  # `!Ref <Function>.Alias`: the function's published alias
+        f"${{{k}}}": v["Ref"].removesuffix(".Alias") for k, v in subs.items()
+        if isinstance(v, dict) and str(v.get("Ref", "")).endswith(".Alias")
+    })
     out: dict[str, list[int | None]] = {}
     scopes = [asl]
     while scopes:

@@ -16,7 +16,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from avatarflow import erasure, keys
+from avatarflow import erasure, keys, usage
 from avatarflow import generations as gen
 from avatarflow_local import iam
 from avatarflow_local.functions import load_fresh_handler
@@ -140,7 +140,7 @@ def rows_mentioning(w, user_id):
     found = []
     for name in client.list_tables()["TableNames"]:
         for item in boto3.resource("dynamodb").Table(name).scan()["Items"]:
-            values = json.dumps(gen.from_dynamo(item))
+            values = json.dumps(gen.from_dynamo(item), default=sorted)  # string sets as lists
             if re.search(rf'"{re.escape(user_id)}[/"]', values) or f"/{user_id}/" in values:
                 found.append((name, item))
     return found
@@ -251,11 +251,15 @@ def test_the_sweep_removes_every_object_row_and_subscription_of_the_user_and_onl
     subscribe(world, "alice", "alice@example.com")
     subscribe(world, "bob", "bob@example.com")
     world.sns.subscribe(TopicArn=world.r.topic_arn, Protocol="email", Endpoint="ops@example.com")
+    usage_table = world.r.physical["UsageTable"]["Ref"]
+    for user in ("alice", "bob"):  # quota (day) and metering (month, total) rows
+        usage.take_images(boto3.resource("dynamodb").Table(usage_table), user, 2, 10)
+        usage.record_generation(boto3.client("dynamodb"), usage_table, user, f"gen-{user}", 1.5, 2, None)
 
     assert world.api("DELETE", "/users/alice")["statusCode"] == 202
     report = world.sweep()
     assert report["outcome"] == "pending" and report["scheduled"] is True  # not old enough to end
-    assert report["subscriptions"] == 1 and report["registry_rows"] == 2
+    assert report["subscriptions"] == 1 and report["registry_rows"] == 2 + 3  # models, then usage rows
 
     for prefix in keys.USER_PREFIXES:
         assert versions(world, keys.user_prefix(prefix, "alice")) == []
@@ -267,6 +271,7 @@ def test_the_sweep_removes_every_object_row_and_subscription_of_the_user_and_onl
     assert versions(world, keys.request_key("genb")) == [keys.request_key("genb")]
     assert rows_mentioning(world, "alice") == []
     assert {(m["user_id"], m["version"]) for m in world.models.scan()["Items"]} == {("bob", "v1")}
+    assert {r["user_id"] for r in boto3.resource("dynamodb").Table(usage_table).scan()["Items"]} == {"bob"}
     assert subscribed(world) == ["bob@example.com", "ops@example.com"]
     # The API's message (this test ran its pass directly) and the next pass, delayed.
     assert world.queued() == [{"user_id": "alice"}] and world.delayed() == 1

@@ -170,7 +170,13 @@ def test_if_exists_and_unknown_operators():
             "lambda",
             "Invoke",
             {"FunctionName": "arn:aws:lambda:us-east-1:1:function:f:live"},
-            [("lambda:InvokeFunction", "arn:aws:lambda:us-east-1:1:function:f")],
+            [("lambda:InvokeFunction", "arn:aws:lambda:us-east-1:1:function:f:live")],  # as invoked
+        ),
+        (
+            "lambda",
+            "Invoke",
+            {"FunctionName": "f", "Qualifier": "live"},
+            [("lambda:InvokeFunction", "arn:aws:lambda:us-east-1:1:function:f:live")],
         ),
     ],
 )

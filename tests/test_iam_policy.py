@@ -72,6 +72,9 @@ MANAGED_POLICY_ALLOWLIST = {
     "CreateLogStream/PutLogEvents only (write-only to CloudWatch Logs)",
     "AWSXrayWriteOnlyAccess": "SAM attaches it with Tracing: Active; X-Ray write actions have no "
     "resource-level permissions",
+    "service-role/AWSCodeDeployRoleForLambda": "SAM attaches it to CodeDeployServiceRole for a "
+    "DeploymentPreference: CodeDeploy shifts the alias and reads the rollback alarms (its InvokeFunction "
+    "is limited to CodeDeployHook_* functions; this stack has none); a role only CodeDeploy assumes",
 }
 
 # Where each S3 prefix of the layout comes from (avatarflow.keys is the one place they are spelled).
@@ -95,7 +98,7 @@ SERVICE_RESOURCE_TYPES = {
     "dynamodb": {"AWS::DynamoDB::Table"},
     "sns": {"AWS::SNS::Topic"},
     "sqs": {"AWS::SQS::Queue"},
-    "lambda": {"AWS::Serverless::Function", "AWS::Lambda::Function"},
+    "lambda": {"AWS::Serverless::Function", "AWS::Lambda::Function", "AWS::Lambda::Alias"},
     "states": {"AWS::Serverless::StateMachine", "AWS::StepFunctions::StateMachine"},
     "sagemaker": {"AWS::SageMaker::Endpoint", "AWS::SageMaker::Model"},
     "logs": {"AWS::Logs::LogGroup"},
@@ -331,10 +334,15 @@ class Checker:
         ):
             self.check_s3(at, st, actions, resource)
             return
-        own = re.fullmatch(r"\$\{(\w+)(?:\.Arn)?\}(/index/[A-Za-z0-9_.-]+)?", resource)
+        own = re.fullmatch(r"\$\{(\w+)(?:\.Arn|(\.Alias))?\}(/index/[A-Za-z0-9_.-]+)?", resource)
         if own:
             target = own.group(1)
             kind = self.resources.get(target, {}).get("Type")
+            if own.group(2):  # SAM's `!Ref Function.Alias`: the function's AutoPublishAlias
+                if not self.resources.get(target, {}).get("Properties", {}).get("AutoPublishAlias"):
+                    self.fail(at, f"{resource}: {target} has no AutoPublishAlias")
+                    return
+                kind = "AWS::Lambda::Alias"
             if kind is None:
                 self.fail(at, f"{resource}: {target} is not a resource of this template")
                 return

@@ -266,9 +266,14 @@ def test_authorizer_comes_from_the_template_on_both_branches_of_create_user_pool
     assert given.default == name
     assert (given.authorizers[name].issuer, given.authorizers[name].audience) == \
         ("http://127.0.0.1:1/pool", ("client1",))
-    cognito = http_api_auth(physical={"UserPool": {"Ref": "us-east-1_abc"}, "UserPoolClient": {"Ref": "c2"}})
+    # With a backend client (client credentials, JwtBackendAudience) its id is a second audience.
+    both = http_api_auth(parameters={"JwtIssuer": "http://127.0.0.1:1/pool", "JwtAudience": "client1",
+                                     "JwtBackendAudience": "backend1"})
+    assert both.authorizers[name].audience == ("client1", "backend1")
+    cognito = http_api_auth(physical={"UserPool": {"Ref": "us-east-1_abc"}, "UserPoolClient": {"Ref": "c2"},
+                                      "BackendClient": {"Ref": "c3"}})
     assert cognito.authorizers[name].issuer == "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_abc"
-    assert cognito.authorizers[name].audience == ("c2",)
+    assert cognito.authorizers[name].audience == ("c2", "c3")  # the user pool's two app clients
     # Every route of the template is behind that authorizer (none opts out with NONE).
     for spec in template["Resources"].values():
         for event in spec.get("Properties", {}).get("Events", {}).values():

@@ -2,6 +2,7 @@
 entrypoint and inference container code on 127.0.0.1, driven the way a user drives it
 (S3 uploads, the HTTP API, the AWS CLI). Tiny model, few steps, 64 px."""
 
+import base64
 import json
 import os
 import signal
@@ -19,11 +20,17 @@ from workflow_harness import call, wait_generation
 
 from avatarflow import keys
 from avatarflow.sample_photos import one_person_batch, photo_bytes
+from avatarflow_local.local_issuer import LocalIssuer
 from avatarflow_local.moderation_stand_in import ModerationStandIn
 from avatarflow_local.runtime import LocalRuntime, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
+
+
+def jwt_claims(token):
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
 
 
 def fetch_png(url):
@@ -68,6 +75,10 @@ def test_in_process_stack_upload_to_model_ready_to_generation(tmp_path):
 
         desc = rt.wait_for_execution(user, batch, timeout=120)
         assert desc["status"] == "SUCCEEDED", desc
+        # The state machine invoked each function's `live` alias, never the unqualified function.
+        invoked = {(n, q) for n, q in rt.hook.qualified if n in ("preprocess_image", "build_dataset",
+                                                                  "register_model", "notify")}
+        assert invoked == {(name, "live") for name in ("preprocess_image", "build_dataset", "register_model")}
 
         # Objects: 8 crops (the coffee cup and the other person rejected), the adapter.
         def listed(p):
@@ -139,6 +150,40 @@ def test_in_process_stack_upload_to_model_ready_to_generation(tmp_path):
             f"s3://{rt.bucket}/{keys.ASYNC_OUTPUT}"
         )
         assert len(listed(keys.generation_prefix(user, queued["generation_id"]))) == 2  # 1 PNG + result.json
+
+        # Platform access through the front door: the JWT authorizer's rules (401; 403 for a
+        # route's missing scope), then the API's caller check (403 for another user).
+        admin = rt.admin_token()  # the backend client's client-credentials token (avatarflow/admin)
+        assert call("GET", f"{api}/users/{user}/models", admin)[0] == 200  # admin acts for any user
+        assert call("GET", f"{api}/users/{user}/usage", rt.token("eve"))[0] == 403
+        no_scope = rt.issuer.client_credentials_token(scopes=("avatarflow/other",))
+        assert call("GET", f"{api}/admin/users", token)[0] == 403  # a user token lacks the scope
+        assert call("GET", f"{api}/admin/users", no_scope)[0] == 403
+        assert call("GET", f"{api}/users/{user}/models", no_scope)[0] == 403  # its sub is the client
+        other_key = LocalIssuer()  # a key that is not the issuer's, claiming the issuer and its kid
+        forged = other_key.sign({**jwt_claims(admin), "exp": int(time.time()) + 600}, {"kid": rt.issuer.kid})
+        other_key.server.server_close()
+        expired = rt.issuer.client_credentials_token(exp=int(time.time()) - 60)
+        wrong_audience = rt.issuer.client_credentials_token(client_id="notaclientofthisapi00000000")
+        for bad in (forged, expired, wrong_audience, rt.issuer.access_token(user, exp=int(time.time()) - 60)):
+            assert call("GET", f"{api}/admin/users", bad)[0] == 401
+            assert call("GET", f"{api}/users/{user}/models", bad)[0] == 401
+        # Usage: what the training stand-in (DescribeTrainingJob's BillableTimeInSeconds, as
+        # createTrainingJob.sync returns it) and the inference container (result.json timings)
+        # reported, as the user and the admin listing see it.
+        billed = json.loads(desc["output"])["training"]["billable_seconds"]
+        status, used = call("GET", f"{api}/users/{user}/usage", token)
+        assert status == 200 and used["total"] == used["this_month"]
+        assert used["total"]["training_seconds"] == billed >= 1 and used["total"]["trainings"] == 1
+        gpu_seconds = result["timings"]["total_ms"] / 1000
+        assert used["total"]["inference_seconds"] == pytest.approx(gpu_seconds, abs=1e-3)
+        # Images metered: those delivered (the withheld one cost GPU time, counted in seconds);
+        # the day's quota counts the 2 requested.
+        delivered = sum(1 for image in result["images"] if image["withheld"] is False)
+        assert (used["total"]["images"], used["total"]["generations"]) == (delivered, 1) == (1, 1)
+        assert used["today"]["images"]["used"] == 2 and used["today"]["batches"]["used"] == 1
+        status, listing = call("GET", f"{api}/admin/users", admin)
+        assert status == 200 and {u["user_id"]: u["usage"] for u in listing["users"]}[user] == used["total"]
 
         # A bad model version is refused by the API; a failing invocation reaches FAILED via the error topic.
         assert (

@@ -10,7 +10,7 @@ import unit_stack
 from apitools import sns_event
 
 from avatarflow import generations as gen
-from avatarflow import keys
+from avatarflow import keys, usage
 
 REPO = Path(__file__).resolve().parents[1]
 module_stack, stack = unit_stack.module_stack, unit_stack.stack  # one stack per module, emptied per test
@@ -68,7 +68,7 @@ RESULT = {
         {"key": f"{PREFIX}000.png", "withheld": False, "seed": 11, "identity_similarity": 0.72},
         {"key": f"{PREFIX}001.png", "withheld": False, "seed": 12, "identity_similarity": None},
     ],
-    "timings": {"load_adapter_s": 0.4, "generate_s": 6.1},
+    "timings": {"adapter_load_ms": 400, "generate_ms": 6100, "total_ms": 6650},  # the container's shape
 }
 
 
@@ -136,7 +136,14 @@ def test_success_notice_completes_with_images_from_the_output(done):
     assert row["output_location"] == f"s3://{done.bucket}/async-output/x1.out"
     # Every call was checked against the function's role from template.yaml.
     allowed = done.stack.enforcer.allowed
-    assert allowed[(ROLE, "s3:GetObject")] == 1 and allowed[(ROLE, "dynamodb:UpdateItem")] == 1
+    # UpdateItem: the row, then the usage month and total rows (one transaction).
+    assert allowed[(ROLE, "s3:GetObject")] == 1 and allowed[(ROLE, "dynamodb:UpdateItem")] == 3
+    # Metered from the container's own timings: seconds, images, once however often SNS delivers.
+    done(done.success())
+    table = boto3.resource("dynamodb").Table(done.stack.resources.physical["UsageTable"]["Ref"])
+    total = usage.view(table.get_item(Key={"user_id": row["user_id"], "period": "total"})["Item"])
+    assert total["inference_seconds"] == RESULT["timings"]["total_ms"] / 1000
+    assert (total["images"], total["generations"]) == (len(RESULT["images"]), 1)
 
 
 def test_falls_back_to_result_json_when_output_is_missing(done):

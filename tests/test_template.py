@@ -257,3 +257,104 @@ def test_functions_match_the_architecture_of_the_shared_layer():
             arch = r["Properties"].get("Architectures", shared.get("Architectures", ["x86_64"]))
             assert arch == layer_arch, f"{lid} runs on {arch}, the shared layer on {layer_arch}"
             assert r["Properties"].get("Tracing", shared.get("Tracing")) == "Active", lid
+
+
+# ---------------------------------------------------------------- alarms and the dashboard
+
+# What each alarm dimension must name: (resource type, how the value refers to it).
+ALARM_DIMENSIONS = {
+    "FunctionName": ("AWS::Serverless::Function", "Ref"),
+    "QueueName": ("AWS::SQS::Queue", "QueueName"),
+    "StateMachineArn": ("AWS::Serverless::StateMachine", "Ref"),
+    "EndpointName": ("AWS::SageMaker::Endpoint", "EndpointName"),
+    "ApiId": ("AWS::Serverless::HttpApi", "Ref"),
+}
+# Metric names as AWS documents them per namespace (a typo publishes nothing and never alarms).
+KNOWN_METRICS = {
+    "AWS/Lambda": {"Errors", "Throttles", "Invocations", "Duration"},
+    "AWS/SQS": {"ApproximateNumberOfMessagesVisible", "ApproximateAgeOfOldestMessage"},
+    "AWS/States": {"ExecutionsFailed", "ExecutionsTimedOut", "ExecutionsAborted",
+                   "ServiceIntegrationsFailed", "ServiceIntegrationsTimedOut"},
+    "AWS/SageMaker": {"ApproximateAgeOfOldestRequest", "HasBacklogWithoutCapacity", "ApproximateBacklogSize",
+                      "ApproximateBacklogSizePerInstance"},
+    "AWS/ApiGateway": {"5xx", "4xx", "Count"},
+}
+
+
+def alarm_metrics(props):
+    """Every metric an alarm reads: its own, or each MetricStat of its metric math."""
+    if "MetricName" in props:
+        return [{"Namespace": props["Namespace"], "MetricName": props["MetricName"],
+                 "Dimensions": props.get("Dimensions", [])}]
+    return [m["MetricStat"]["Metric"] for m in props["Metrics"] if "MetricStat" in m]
+
+
+def named_resource(value, attribute, resources):
+    """The logical id `value` refers to with `attribute` (Ref or a GetAtt attribute), else None."""
+    if attribute == "Ref" and isinstance(value, dict) and "Ref" in value:
+        return value["Ref"] if value["Ref"] in resources else None
+    if isinstance(value, dict) and "Fn::GetAtt" in value and value["Fn::GetAtt"][1] == attribute:
+        return value["Fn::GetAtt"][0]
+    return None
+
+
+def test_every_alarm_metric_and_dimension_names_a_resource_of_the_stack():
+    template = load_template()
+    resources = template["Resources"]
+    alarms = {n: r["Properties"] for n, r in resources.items() if r["Type"] == "AWS::CloudWatch::Alarm"}
+    training = definition_substitution_keys(template)["TrainingJobResource"]
+    alias = resources["ApiFunction"]["Properties"].get("AutoPublishAlias")
+    watched = {}
+    for name, props in alarms.items():
+        metrics = alarm_metrics(props)
+        assert metrics, name
+        for metric in metrics:
+            assert metric["MetricName"] in KNOWN_METRICS[metric["Namespace"]], (name, metric["MetricName"])
+            assert metric["Dimensions"], f"{name}: a metric without dimensions watches the whole account"
+            for dim in metric["Dimensions"]:
+                key, value = dim["Name"], dim["Value"]
+                if key == "Stage":  # SAM's HttpApi deploys its default stage, $default
+                    assert value == "$default" and "StageName" not in resources["GenerationApi"]["Properties"]
+                elif key == "ServiceIntegrationResourceArn":  # the state machine's training task
+                    assert value == training, name
+                    watched.setdefault("training", set()).add(name)
+                elif key == "Resource":  # a Lambda alias: <function>:<alias>
+                    assert alias and value == {"Fn::Sub": f"${{ApiFunction}}:{alias}"}, (name, value)
+                else:
+                    kind, attribute = ALARM_DIMENSIONS[key]
+                    target = named_resource(value, attribute, resources)
+                    assert target and resources[target]["Type"] == kind, (name, key, value)
+                    watched.setdefault(kind, set()).add(target)
+        # Every alarm but the scale-out trigger tells the operators.
+        if name != "InferenceBacklogWithoutCapacityAlarm":
+            assert props["AlarmActions"] == [{"Ref": "OperationsTopic"}], name
+    functions = {n for n, r in resources.items() if r["Type"] == "AWS::Serverless::Function"}
+    assert watched["AWS::Serverless::Function"] == functions  # errors and throttles of every function
+    dlqs = {r["Properties"]["RedrivePolicy"]["deadLetterTargetArn"]["Fn::GetAtt"][0]
+            for r in resources.values() if "RedrivePolicy" in r.get("Properties", {})}
+    dlqs |= {r["Properties"]["DeadLetterQueue"]["TargetArn"]["Fn::GetAtt"][0]
+             for r in resources.values() if "DeadLetterQueue" in r.get("Properties", {})}
+    assert dlqs and dlqs <= watched["AWS::SQS::Queue"]  # every dead-letter queue's depth
+    assert watched["AWS::Serverless::StateMachine"] == {STATE_MACHINE}
+    assert watched["AWS::SageMaker::Endpoint"] == {"InferenceEndpoint"}
+    assert watched["AWS::Serverless::HttpApi"] == {"GenerationApi"} and watched["training"]
+    subscription = resources["OperationsSubscription"]
+    assert subscription["Condition"] == "HasNotificationEmail"
+    assert subscription["Properties"]["Endpoint"] == {"Ref": "NotificationEmail"}
+
+
+def test_dashboard_is_json_and_shows_every_alarm_and_function():
+    template = load_template()
+    resources = template["Resources"]
+    (body, variables), = [r["Properties"]["DashboardBody"]["Fn::Sub"] for r in resources.values()
+                          if r["Type"] == "AWS::CloudWatch::Dashboard"]
+    names = set(re.findall(r"\$\{([A-Za-z0-9_:.]+)\}", body))
+    for name in names:
+        assert name.startswith("AWS::") or name.split(".")[0] in resources or name in variables, name
+    dashboard = json.loads(re.sub(r"\$\{[A-Za-z0-9_:.]+\}", "x", body))
+    assert len(dashboard["widgets"]) >= 6
+    alarms = {n for n, r in resources.items() if r["Type"] == "AWS::CloudWatch::Alarm"}
+    assert {n.removesuffix(".Arn") for n in names if n.endswith("Alarm.Arn")} >= alarms - {
+        "InferenceBacklogWithoutCapacityAlarm"}
+    functions = {n for n, r in resources.items() if r["Type"] == "AWS::Serverless::Function"}
+    assert functions <= names

@@ -193,3 +193,23 @@ def test_batch_emptied_before_listing_is_rejected_and_the_user_told(aws):
     (msg,) = messages(aws)
     assert msg["event"] == "MODEL_REJECTED" and msg["user_id"] == USER
     assert "from batch b6: the batch is empty" in msg["body"] and "uploads/" not in msg["body"]
+
+
+def test_a_batch_past_the_days_training_quota_is_rejected_and_the_user_told_when(aws):
+    """The user's training batches for the UTC day are spent (QuotaTrainingBatchesPerDay, here
+    the template's default): a batch with enough good photos trains nothing; the email says the
+    limit was reached and when to try again."""
+    from avatarflow import usage
+
+    limit = int(aws["stack"].function_specs["build_dataset"].environment["QUOTA_BATCHES_PER_DAY"])
+    table = boto3.resource("dynamodb").Table(aws["stack"].physical["UsageTable"]["Ref"])
+    for i in range(limit):
+        usage.take_batch(table, USER, f"earlier{i}", limit)
+    arn, desc = run_batch(aws, "b9", one_person_batch(8))
+    assert desc["status"] == "FAILED", desc
+    assert aws["jobs"]() == [] and keys_under(aws, "models/") == []
+    (msg,) = messages(aws)
+    assert msg["event"] == "MODEL_REJECTED" and "you have reached today's limit" in msg["body"]
+    when = usage.next_day().strftime("%Y-%m-%d %H:%M")
+    assert f"Try again after {when} UTC" in msg["body"] and f"today's limit of {limit}" in msg["body"]
+    assert usage.today(table, USER)["batches"] == limit  # the refused batch took no unit

@@ -1,14 +1,19 @@
 """HTTP API (API Gateway HTTP API, payload 2.0, JWT authorizer) for one user's uploads,
 models, generations and deletion. See design.md "API".
 
-Every route is under /users/{user_id}: the JWT subject must equal user_id (else 403), and
-a request without claims is 401. Ids are validated before they reach a key or a log line.
+Routes under /users/{user_id} answer a user token only for its own user id (JWT `sub` ==
+user_id, else 403) and a token with the avatarflow/admin scope (a backend's client
+credentials) for any; routes under /admin/ need that scope. A request without claims is 401.
+One function decides it (_check_caller), before any route runs. Ids are validated before
+they reach a key or a log line.
 Run `python functions/api/app.py > docs/openapi.json` to refresh the OpenAPI document."""
 
+import base64
 import binascii
 import json
 import os
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from types import SimpleNamespace
@@ -32,12 +37,12 @@ from aws_lambda_powertools.event_handler.openapi.models import HTTPBearer
 from aws_lambda_powertools.event_handler.openapi.params import Body
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
-from boto3.dynamodb.conditions import Key
+from boto3.dynamodb.conditions import Attr, Key
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from avatarflow import __version__, erasure, keys, moderation
+from avatarflow import __version__, erasure, keys, moderation, usage
 from avatarflow import generations as gen
 from avatarflow.ids import ID_PATTERN, InvalidIdError, new_id, validate_id
 from avatarflow.workflow import MAX_BATCH_PHOTOS
@@ -186,17 +191,49 @@ def _body_error(reason: str) -> FieldErrors:
     return FieldErrors([{"field": "body", "reason": reason}])
 
 
-def _check_caller() -> None:
-    """401 without a JWT subject; 400 for malformed path ids; 403 when sub != user_id."""
-    route_args = app.context.get("_route_args", {})
-    if "user_id" not in route_args:
-        return  # no route matched (404) or a CORS preflight: nothing of a user's to guard
+ADMIN_SCOPE = "avatarflow/admin"  # the Cognito resource server `avatarflow`, scope `admin`
+ADMIN_PREFIX = "/admin/"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who the verified token says is calling: `subject` (a user id, or for a client-credentials
+    token the app client's id) and whether it holds the admin scope."""
+
+    subject: str
+    admin: bool
+
+
+def _caller() -> Caller:
+    """The caller from the claims API Gateway's JWT authorizer verified (never from a header or
+    the body). 401 without a subject. Admin = the `avatarflow/admin` scope in the access
+    token's `scope` claim, which Cognito puts only in tokens of an app client allowed that
+    scope (template: BackendClient, client credentials); an id token has no `scope`."""
     event = app.current_event.raw_event
     authorizer = (event.get("requestContext") or {}).get("authorizer") or {}
     claims = (authorizer.get("jwt") or {}).get("claims") or {}
-    subject = claims.get("sub") if isinstance(claims, dict) else None
+    if not isinstance(claims, dict):
+        raise UnauthorizedError("missing or invalid token")
+    subject = claims.get("sub")
     if not isinstance(subject, str) or not subject:
         raise UnauthorizedError("missing or invalid token")
+    scope = claims.get("scope")
+    scopes = scope.split() if isinstance(scope, str) else []
+    return Caller(subject, ADMIN_SCOPE in scopes and claims.get("token_use", "access") == "access")
+
+
+def _check_caller() -> None:
+    """The API's one access rule, run before every route (new routes get it for free):
+    401 without a verified subject; 400 for malformed path ids; then admin routes
+    (/admin/...) need the admin scope (else 403), and routes under /users/{user_id} allow
+    the admin scope for any user id and a user token only for its own (`sub` == user_id,
+    else 403)."""
+    route = app.context.get("_route")
+    route_args = app.context.get("_route_args", {})
+    admin_route = route is not None and route.path.startswith(ADMIN_PREFIX)
+    if "user_id" not in route_args and not admin_route:
+        return  # no route matched (404) or a CORS preflight: nothing of a user's to guard
+    caller = _caller()
     errors = []
     for name in ("user_id", "generation_id"):
         if name in route_args:
@@ -206,9 +243,12 @@ def _check_caller() -> None:
                 errors.append({"field": f"path.{name}", "reason": str(err)})
     if errors:
         raise FieldErrors(errors)
-    if subject != route_args.get("user_id"):
+    if admin_route and not caller.admin:
+        raise ForbiddenError(f"this route needs the {ADMIN_SCOPE} scope")
+    if not caller.admin and caller.subject != route_args.get("user_id"):
         raise ForbiddenError("this token may not act for that user")
-    logger.append_keys(**{k: route_args[k] for k in ("user_id", "generation_id") if k in route_args})
+    logger.append_keys(admin=caller.admin,
+                       **{k: route_args[k] for k in ("user_id", "generation_id") if k in route_args})
 
 
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -349,6 +389,27 @@ def _absolute_url(path: str) -> str:
     return f"{scheme}://{domain}{prefix}{path}"
 
 
+def _usage_table():
+    return aws().dynamodb.Table(_env("USAGE_TABLE"))
+
+
+def _quotas() -> usage.Quotas:
+    return usage.Quotas.from_env(os.environ)
+
+
+def _over_quota(err: usage.QuotaExceeded) -> Response:
+    """429 with Retry-After (seconds to the next UTC day) and when to try again, in words."""
+    metrics.add_metric(name="QuotaRefusals", unit=MetricUnit.Count, value=1)
+    logger.info("quota reached", extra={"quota": err.kind, "limit": err.limit})
+    return Response(
+        status_code=429,
+        content_type=content_types.APPLICATION_JSON,
+        body={"statusCode": 429, "message": err.message(), "quota": err.kind, "limit": err.limit,
+              "used": err.used, "retry_at": err.retry_at.isoformat(timespec="seconds")},
+        headers={"Retry-After": str(err.retry_after_s())},
+    )
+
+
 def _erasures_table():
     return aws().dynamodb.Table(_env("ERASURES_TABLE"))
 
@@ -403,11 +464,16 @@ def _screen_toxicity(prompt: str) -> None:
         200: {"description": "batch_id and one form per file"},
         400: {"description": "bad body"},
         410: {"description": "the user was erased (DELETE /users/{user_id})"},
+        429: {"description": "today's training batches are spent (Retry-After)"},
     },
 )
 @tracer.capture_method
 def create_upload(user_id: str, body: Annotated[UploadBody, Body()]):
     _refuse_if_erased(user_id)
+    try:
+        usage.check_batches(_usage_table(), user_id, _quotas().batches_per_day)
+    except usage.QuotaExceeded as err:
+        return _over_quota(err)
     batch_id = new_id()
     prefix = keys.upload_prefix(user_id, batch_id)
     ttl = _int_env("UPLOAD_URL_TTL_SECONDS", 900)
@@ -475,6 +541,7 @@ def list_models(user_id: str):
         404: {"description": "model_version not found"},
         409: {"description": "model not READY / no READY model"},
         410: {"description": "the user was erased (DELETE /users/{user_id})"},
+        429: {"description": "today's images are spent (Retry-After)"},
         503: {"description": "endpoint refused the request"},
     },
 )
@@ -483,6 +550,10 @@ def create_generation(user_id: str, body: Annotated[GenerationBody, Body()]):
     _refuse_if_erased(user_id)
     _screen_toxicity(body.prompt)
     model = _pick_model(user_id, body.model_version)
+    try:
+        usage.take_images(_usage_table(), user_id, body.num_images, _quotas().images_per_day)
+    except usage.QuotaExceeded as err:
+        return _over_quota(err)
     generation_id = new_id()
     logger.append_keys(generation_id=generation_id)
     bucket = _env("BUCKET_NAME")
@@ -531,6 +602,7 @@ def create_generation(user_id: str, body: Annotated[GenerationBody, Body()]):
     except (ClientError, BotoCoreError) as err:
         logger.exception("InvokeEndpointAsync failed")
         metrics.add_metric(name="GenerationsNotQueued", unit=MetricUnit.Count, value=1)
+        usage.give_back_images(_usage_table(), user_id, body.num_images)
         table.update_item(
             Key={"generation_id": generation_id},
             UpdateExpression="SET #s = :failed, #e = :e, updated_at = :now",
@@ -651,6 +723,100 @@ def get_deletion(user_id: str):
     if mark is None:
         raise NotFoundError("no erasure was requested for this user")
     return erasure.view(user_id, mark)
+
+
+def _today_view(user_id: str) -> dict:
+    quotas = _quotas()
+    day = usage.today(_usage_table(), user_id)
+    return {
+        "batches": {"used": day["batches"], "limit": quotas.batches_per_day},
+        "images": {"used": day["images"], "limit": quotas.images_per_day},
+        "resets_at": usage.next_day().isoformat(timespec="seconds"),
+    }
+
+
+def _usage_view(user_id: str) -> dict:
+    table = _usage_table()
+    rows = {p: table.get_item(Key={"user_id": user_id, "period": p}).get("Item")
+            for p in (usage.month_key(), "total")}
+    source = usage.prices()
+    return {
+        "user_id": user_id,
+        "today": _today_view(user_id),
+        "this_month": usage.view(rows[usage.month_key()]),
+        "total": usage.view(rows["total"]),
+        "cost_basis": {k: source[k] for k in ("source", "retrieved", "basis")},
+    }
+
+
+@app.get(
+    "/users/<user_id>/usage",
+    summary="The user's quotas today and metered usage (this month, all time) with an estimated cost",
+)
+@tracer.capture_method
+def get_usage(user_id: str):
+    return _usage_view(user_id)
+
+
+ADMIN_PAGE_SIZE = 50
+
+
+def _page_token(key: dict | None) -> str | None:
+    return None if not key else base64.urlsafe_b64encode(json.dumps(key).encode()).decode()
+
+
+def _start_key(token: str | None) -> dict | None:
+    """A `next` token back into the Scan's ExclusiveStartKey; 400 unless it is one we made."""
+    if not token:
+        return None
+    try:
+        key = json.loads(base64.urlsafe_b64decode(token.encode()))
+        if set(key) != {"user_id", "period"} or key["period"] != "total":
+            raise ValueError("not a page token")
+        validate_id(key["user_id"], "user_id")
+    except (ValueError, TypeError, binascii.Error, InvalidIdError):
+        raise FieldErrors([{"field": "query.next", "reason": "not a page token of this listing"}]) from None
+    return key
+
+
+@app.get(
+    "/admin/users",
+    summary="Admin (scope avatarflow/admin): every user with usage, with a usage line each",
+    responses={200: {"description": "users and `next` (page token) while there are more"},
+               403: {"description": "the token lacks the avatarflow/admin scope"}},
+)
+@tracer.capture_method
+def admin_list_users():
+    start = _start_key(app.current_event.get_query_string_value("next"))
+    page = _usage_table().scan(
+        FilterExpression=Attr("period").eq("total"), Limit=ADMIN_PAGE_SIZE,
+        **({"ExclusiveStartKey": start} if start else {}),
+    )
+    users = [
+        {"user_id": row["user_id"], "first_seen": row.get("first_seen"),
+         "last_activity": row.get("updated_at"), "usage": usage.view(row)}
+        for row in sorted(page.get("Items", []), key=lambda r: r["user_id"])
+    ]
+    metrics.add_metric(name="AdminCalls", unit=MetricUnit.Count, value=1)
+    return {"users": users, "next": _page_token(page.get("LastEvaluatedKey"))}
+
+
+@app.get(
+    "/admin/users/<user_id>",
+    summary="Admin (scope avatarflow/admin): one user's batches, models and usage",
+    responses={403: {"description": "the token lacks the avatarflow/admin scope"}},
+)
+@tracer.capture_method
+def admin_get_user(user_id: str):
+    models = list_models(user_id)
+    batches = [
+        {"batch_id": m["batch_id"], "model_version": m["version"], "status": m["status"],
+         "created_at": m["created_at"], "updated_at": m["updated_at"]}
+        for m in models["models"]
+    ]
+    metrics.add_metric(name="AdminCalls", unit=MetricUnit.Count, value=1)
+    return {**_usage_view(user_id), "batches": batches, "models": models["models"],
+            "latest_ready": models["latest_ready"]}
 
 
 # --------------------------------------------------------------------------- entry points

@@ -21,7 +21,7 @@ from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import ClientError
 
-from avatarflow import faces, keys, workflow
+from avatarflow import faces, keys, usage, workflow
 from avatarflow.ids import validate_id
 
 logger = Logger()
@@ -128,6 +128,21 @@ def _prune_images(bucket: str, images_prefix: str, keep: set[str]) -> list[str]:
     return doomed
 
 
+@tracer.capture_method
+def _take_quota(user_id: str, batch_id: str) -> dict | None:
+    """Count this batch against the user's training batches of the UTC day (once, however
+    often this runs); None when it may train, else what the email tells the user."""
+    table = boto3.resource("dynamodb").Table(os.environ["USAGE_TABLE"])
+    try:
+        usage.take_batch(table, user_id, batch_id, int(os.environ["QUOTA_BATCHES_PER_DAY"]))
+    except usage.QuotaExceeded as err:
+        logger.info("daily training quota reached", extra={"limit": err.limit})
+        metrics.add_metric(name="BatchesOverQuota", unit=MetricUnit.Count, value=1)
+        return {"kind": err.kind, "limit": err.limit, "used": err.used,
+                "retry_at": err.retry_at.isoformat(timespec="seconds")}
+    return None
+
+
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler
 @metrics.log_metrics
@@ -184,6 +199,8 @@ def handler(event, context):
         if p["reason"]
     ]
     enough = len(kept) >= min_images
+    quota = _take_quota(user_id, batch_id) if enough else None
+    enough = enough and quota is None
     manifest = {
         "version": MANIFEST_VERSION,
         "user_id": user_id,
@@ -239,6 +256,9 @@ def handler(event, context):
         "rejected": len(photos) - len(kept),
         "min_images": min_images,
         "enough": enough,
+        # Set when the batch had enough photos but the user's training batches for the day
+        # are spent: the rejection email says when to try again.
+        "quota": quota,
         "dataset_prefix": prefix,
         "manifest_key": manifest_key,
         "rejections": rejections,

@@ -64,6 +64,7 @@ def aws() -> SimpleNamespace:
         erasures=ddb.Table(os.environ["ERASURES_TABLE"]),
         models=ddb.Table(os.environ["MODELS_TABLE"]),
         generations=ddb.Table(os.environ["GENERATIONS_TABLE"]),
+        usage=ddb.Table(os.environ["USAGE_TABLE"]),
     )
 
 
@@ -198,6 +199,19 @@ def sweep_registry(user_id: str, bucket: str) -> tuple[int, int]:
     return removed, len(rows)
 
 
+def sweep_usage(user_id: str) -> int:
+    """The user's quota and metering rows (avatarflow.usage). Swept with the registry, once no
+    training run is in flight (a run still meters its job). The erased id is refused new work
+    while its tombstone lasts (a day after the erasure ends), so this resets no quota early."""
+    table = aws().usage
+    rows = list(_pages(table.query, "Items", KeyConditionExpression=Key("user_id").eq(user_id),
+                       ProjectionExpression="user_id, period"))
+    with table.batch_writer() as batch:
+        for row in rows:
+            batch.delete_item(Key={"user_id": user_id, "period": row["period"]})
+    return len(rows)
+
+
 def remove_subscriptions(user_id: str) -> tuple[int, int]:
     """(removed, left pending): subscriptions of the notification topic whose filter policy
     names exactly this user (on_upload subscribes request.json's email that way). A
@@ -297,6 +311,7 @@ def sweep(user_id: str, now: int | None = None) -> dict:
     if not executions or timed_out:
         registry_objects, rows = sweep_registry(user_id, bucket)
         removed += registry_objects
+        rows += sweep_usage(user_id)
     drained = not executions and not generations
     finished = timed_out or (drained and age >= timing.min_age_s)
     subscriptions = pending_subscriptions = 0

@@ -20,7 +20,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.data_classes import SNSEvent, event_source
 from botocore.exceptions import ClientError
 
-from avatarflow import erasure, keys
+from avatarflow import erasure, keys, usage
 from avatarflow import generations as gen
 from avatarflow.ids import InvalidIdError, validate_id
 
@@ -138,6 +138,18 @@ def _finish(generation_id: str, values: dict) -> bool:
     return True
 
 
+def _meter(row: dict, generation_id: str, values: dict) -> None:
+    """Adds the generation's seconds on the GPU (its result.json timings.total_ms, what the
+    container measured) and its images to the user's usage, once per generation."""
+    total_ms = (values.get("timings") or {}).get("total_ms")
+    seconds = total_ms / 1000 if isinstance(total_ms, int | float) and not isinstance(total_ms, bool) else 0.0
+    recorded = usage.record_generation(
+        boto3.client("dynamodb"), os.environ["USAGE_TABLE"], row["user_id"], generation_id,
+        max(seconds, 0.0), len(values.get("images") or []), os.environ.get("INFERENCE_INSTANCE_TYPE"))
+    if recorded:
+        metrics.add_metric(name="InferenceSeconds", unit=MetricUnit.Seconds, value=seconds)
+
+
 @tracer.capture_method
 def handle_notice(message: dict) -> str:
     """Apply one notice; returns what happened (for logs and tests)."""
@@ -194,6 +206,8 @@ def handle_notice(message: dict) -> str:
     if not _finish(generation_id, values):
         metrics.add_metric(name="NoticesDuplicate", unit=MetricUnit.Count, value=1)
         return "duplicate"
+    if outcome == gen.COMPLETED:
+        _meter(row, generation_id, values)
     logger.info("generation finished", extra={"status": outcome, "images": len(values.get("images", [])),
                                               "withheld": values.get("withheld", 0)})
     if values.get("withheld"):

@@ -25,7 +25,7 @@ from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import ClientError
 
-from avatarflow import erasure, keys, notifications
+from avatarflow import erasure, keys, notifications, usage
 from avatarflow.ids import validate_id
 from avatarflow.workflow import READY
 
@@ -51,6 +51,21 @@ def _clients():
 
 def _erased(user_id: str) -> bool:
     return erasure.is_erased(boto3.resource("dynamodb").Table(os.environ["ERASURES_TABLE"]), user_id)
+
+
+def _meter(user_id: str, training_job: str, event: dict) -> None:
+    """Adds the job's billable seconds (DescribeTrainingJob's BillableTimeInSeconds, which the
+    state machine passes on from createTrainingJob.sync) to the user's usage, once per job."""
+    seconds = event.get("billable_seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0 or not training_job:
+        logger.warning("no billable seconds for the training job: usage not metered")
+        return
+    instance_type = event.get("instance_type") if isinstance(event.get("instance_type"), str) else None
+    recorded = usage.record_training(boto3.client("dynamodb"), os.environ["USAGE_TABLE"], user_id,
+                                     training_job, seconds, instance_type)
+    logger.info("training metered", extra={"billable_seconds": seconds, "counted_before": not recorded})
+    if recorded:
+        metrics.add_metric(name="TrainingBillableSeconds", unit=MetricUnit.Seconds, value=seconds)
 
 
 def _erased_result(user_id: str, version: str, prefix: str) -> dict:
@@ -184,6 +199,7 @@ def handler(event: dict, context) -> dict:
     if _erased(user_id):
         return _erased_result(user_id, version, prefix)
     model_metrics = adapter.get("metrics") or {}
+    _meter(user_id, training_job, event)
     return {
         "user_id": user_id,
         "version": version,

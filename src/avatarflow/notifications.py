@@ -11,6 +11,7 @@ as the reference for support. Nothing here promises that a failure is temporary.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 from avatarflow.workflow import (
     DEFAULT_SUBJECT_CLASS,
@@ -173,10 +174,35 @@ def _emptied(dataset: dict) -> bool:
     )
 
 
+def _over_quota(user_id: str, batch_id: str, dataset: dict) -> dict:
+    """MODEL_REJECTED for a batch that was fine but came after the user's training batches for
+    the UTC day were spent (avatarflow.usage): says when to try again; the photos were good."""
+    quota = dataset["quota"]
+    try:
+        when = datetime.fromisoformat(str(quota.get("retry_at"))).strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        when = "midnight"
+    kept = [str(name) for name in dataset.get("kept") or []]
+    lines = [
+        f"We did not train your avatar model from batch {batch_id}: you have reached today's limit of"
+        f" {quota.get('limit')} training batches.",
+        "",
+        f"Try again after {when} UTC: upload the batch again then (the same photos are fine).",
+    ]
+    if kept:
+        lines += ["", "These photos were good; keep them for that batch:",
+                  *_listed([f"  - {name}" for name in kept], len(kept))]
+    lines += ["", _upload_again(user_id)]
+    return {"event": MODEL_REJECTED, "subject": _subject(f"Daily training limit reached: batch {batch_id}"),
+            "message": "\n".join(lines)}
+
+
 def rejected(user_id: str, batch_id: str, dataset: dict) -> dict:
     """MODEL_REJECTED: too few usable photos, or an emptied batch. Lists each photo that was
     not used and why (a duplicate names the photo it repeats), the photos that were fine and
     can go into the next batch, and the files ignored past the batch's limit."""
+    if dataset.get("quota"):
+        return _over_quota(user_id, batch_id, dataset)
     accepted = dataset.get("accepted", 0)
     needed = dataset.get("min_images")
     rejections = dataset.get("rejections") or []

@@ -80,6 +80,7 @@ def _mint(runtime, users: tuple[str, ...]) -> dict:
     return {
         "tokens": {u: runtime.token(u) for u in users},
         "id_tokens": {u: runtime.issuer.id_token(u) for u in users},
+        "admin_token": runtime.admin_token(),
         "tokens_expire": time.strftime("%H:%M:%S", time.localtime(time.time() + runtime.issuer.access_ttl_s)),
     }
 
@@ -122,6 +123,7 @@ def cmd_up(args) -> int:
             "state_machine_arn": runtime.resources.state_machine_arn,
             "issuer": issuer.issuer,
             "client_id": issuer.client_id,
+            "backend_client_id": issuer.backend_client_id,
             "mail_dir": str(runtime.mail_dir),
             "pid": os.getpid(),
             **_mint(runtime, users),
@@ -140,6 +142,7 @@ avatarflow local stack is up (Ctrl-C stops it)
   API (API Gateway HTTP API stand-in):                    {api}
   JWT issuer (stands in for the Cognito user pool):       {issuer.issuer}
   app client id (the JWT authorizer's audience):          {issuer.client_id}
+  backend client id (client credentials, avatarflow/admin): {issuer.backend_client_id}
   bucket:         {bucket}
   state machine:  {runtime.resources.state_machine_arn}
   base model:     {runtime.base_model_path}
@@ -161,6 +164,9 @@ Try it (another terminal, in this folder):
   curl -s -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" \\
     -X POST {api}/users/{user}/generations -d {q(body)}
   curl -s -H "Authorization: Bearer $TOKEN" {api}/users/{user}/generations/<generation_id>
+  curl -s -H "Authorization: Bearer $TOKEN" {api}/users/{user}/usage   # quotas today, metered usage
+  ADMIN=$(.venv/bin/python -m avatarflow_local token --admin{out_arg})  # backend's client-credentials token
+  curl -s -H "Authorization: Bearer $ADMIN" {api}/admin/users           # every user with a usage line
   curl -s {issuer.issuer}/.well-known/openid-configuration   # the issuer's discovery document (and JWKS)
 """,
             flush=True,
@@ -182,13 +188,17 @@ Try it (another terminal, in this folder):
 
 
 def cmd_token(args) -> int:
-    """Prints a user's current token from a running `up` (its out/local-stack.json)."""
+    """Prints a user's current token (or, with --admin, the backend client's) from a running
+    `up` (its out/local-stack.json)."""
     info_path = Path(args.out) / "local-stack.json"
     try:
         info = json.loads(info_path.read_text())
     except FileNotFoundError:
         print(f"no {info_path}: is `make up` running (with this --out)?", file=sys.stderr)
         return 1
+    if args.admin:
+        print(info["admin_token"])
+        return 0
     tokens = info["id_tokens" if args.id else "tokens"]
     if args.user not in tokens:
         print(f"no token for {args.user!r}: `up` was started for {sorted(tokens)} (--user)", file=sys.stderr)
@@ -248,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     token = sub.add_parser("token", help="print a user's current token from a running `up`")
     token.add_argument("user", nargs="?", default="me")
     token.add_argument("--id", action="store_true", help="the id token instead of the access token")
+    token.add_argument("--admin", action="store_true",
+                       help="the backend client's client-credentials token (scope avatarflow/admin)")
     token.add_argument("--out", type=Path, default=Path("out"), help="`up`'s output folder (default: out)")
     token.set_defaults(func=cmd_token)
 

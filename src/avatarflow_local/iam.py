@@ -58,6 +58,19 @@ MANAGED_POLICIES = {
         {"Effect": "Allow", "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
          "Resource": "*"},
     ],
+    # SAM's CodeDeployServiceRole (DeploymentPreference): the AWS managed policy, v3 as AWS
+    # publishes it (AWS Managed Policy reference, "AWSCodeDeployRoleForLambda").
+    "arn:aws:iam::aws:policy/service-role/AWSCodeDeployRoleForLambda": [
+        {"Effect": "Allow", "Action": ["cloudwatch:DescribeAlarms", "lambda:UpdateAlias", "lambda:GetAlias",
+                                       "lambda:GetProvisionedConcurrencyConfig", "sns:Publish"],
+         "Resource": "*"},
+        {"Effect": "Allow", "Action": ["s3:GetObject", "s3:GetObjectVersion"],
+         "Resource": "arn:aws:s3:::*/CodeDeploy/*"},
+        {"Effect": "Allow", "Action": ["s3:GetObject", "s3:GetObjectVersion"], "Resource": "*",
+         "Condition": {"StringEquals": {"s3:ExistingObjectTag/UseWithCodeDeploy": "true"}}},
+        {"Effect": "Allow", "Action": ["lambda:InvokeFunction"],
+         "Resource": "arn:aws:lambda:*:*:function:CodeDeployHook_*"},
+    ],
     "arn:aws:iam::aws:policy/AWSXrayWriteOnlyAccess": [
         {"Effect": "Allow", "Action": ["xray:PutTraceSegments", "xray:PutTelemetryRecords",
                                        "xray:GetSamplingRules", "xray:GetSamplingTargets",
@@ -296,10 +309,17 @@ def requests_for(service: str, operation: str, params: dict, region: str, accoun
         endpoint = _arn("sagemaker", *here, f"endpoint/{params['EndpointName'].lower()}")
         return [Request(f"sagemaker:{operation}", endpoint)]
     if service == "lambda" and operation == "Invoke":
+        # IAM authorizes the ARN as invoked: an alias or version is part of it
+        # (function:NAME:live), and a grant on the unqualified ARN does not cover it (Lambda
+        # guide, "Resources and conditions for Lambda actions": Invoke acts on a function,
+        # version or alias ARN; `function:NAME:*` is how a policy names every qualifier).
         name = params["FunctionName"]
         if not name.startswith("arn:"):
             name = _arn("lambda", *here, f"function:{name}")
-        return [Request("lambda:InvokeFunction", ":".join(name.split(":")[:7]))]
+        qualifier = params.get("Qualifier")
+        if qualifier and len(name.split(":")) == 7:
+            name = f"{name}:{qualifier}"
+        return [Request("lambda:InvokeFunction", name)]
     if service == "events" and operation in ("PutRule", "PutTargets", "DescribeRule"):
         rule = params.get("Name") or params["Rule"]
         return [Request(f"events:{operation}", _arn("events", *here, f"rule/{rule}"))]

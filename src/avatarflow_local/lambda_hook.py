@@ -69,6 +69,7 @@ class FunctionSpec:
     timeout_s: float = DEFAULT_TIMEOUT_S
     memory_mb: int = DEFAULT_MEMORY_MB
     role_arn: str | None = None
+    aliases: tuple[str, ...] = ()  # AutoPublishAlias: the qualifiers besides $LATEST that exist
 
 
 class LocalContext:
@@ -240,12 +241,23 @@ def _error_payload(err: Exception) -> dict:
     }
 
 
+def qualifier_of(name_or_arn: str, qualifier: str | None = None) -> str | None:
+    """The version or alias an Invoke names: the ARN's 8th part, `NAME:qualifier`, or the
+    Qualifier parameter (None: unqualified, which Lambda runs as $LATEST)."""
+    parts = name_or_arn.split(":")
+    if len(parts) == 8 and parts[5] == "function":
+        return parts[7]
+    if len(parts) == 2:
+        return parts[1]
+    return qualifier
+
+
 def function_name_of(name_or_arn: str) -> str:
-    """`arn:aws:lambda:r:a:function:NAME[:qualifier]` or `NAME` -> NAME."""
+    """`arn:aws:lambda:r:a:function:NAME[:qualifier]`, `NAME:qualifier` or `NAME` -> NAME."""
     parts = name_or_arn.split(":")
     if len(parts) >= 7 and parts[5] == "function":
         return parts[6]
-    return name_or_arn
+    return parts[0]
 
 
 class LambdaHook:
@@ -267,6 +279,7 @@ class LambdaHook:
         self.stand_ins = {training_job.FUNCTION_NAME: training_job.handler, **(stand_ins or {})}
         self.loader = loader
         self.calls: Counter[str] = Counter()
+        self.qualified: Counter[tuple[str, str | None]] = Counter()  # (name, qualifier) of each Invoke
         self._failures: dict[str, list[str]] = {}
         self._handlers: dict[str, Handler] = {}
         self._lock = threading.Lock()
@@ -305,10 +318,20 @@ class LambdaHook:
             self._session.events.unregister("before-call.lambda.Invoke", self._on_invoke)
             self._session = None
 
-    def invoke(self, name: str, event: object) -> tuple[object, str | None]:
-        """Run one function: (payload, function_error or None)."""
+    def invoke(self, name: str, event: object, qualifier: str | None = None) -> tuple[object, str | None]:
+        """Run one function: (payload, function_error or None). A qualifier must be $LATEST or
+        one of the function's aliases (Lambda: ResourceNotFoundException otherwise)."""
+        spec = self.specs.get(name)
+        if spec is not None and qualifier not in (None, "$LATEST", *spec.aliases):
+            raise ClientError(
+                {"Error": {"Code": "ResourceNotFoundException",
+                           "Message": f"Function not found: {name}:{qualifier}"},
+                 "ResponseMetadata": {"HTTPStatusCode": 404, "RequestId": "local"}},
+                "Invoke",
+            )
         with self._lock:
             self.calls[name] += 1
+            self.qualified[(name, qualifier)] += 1
             pending = self._failures.get(name)
             code = pending.pop(0) if pending else None
         if code:
@@ -341,16 +364,20 @@ class LambdaHook:
     def _on_invoke(self, params: dict, **_kwargs):
         # params is the serialized request: the function name sits in the URL path.
         path = params["url_path"].split("?")[0]
-        name = function_name_of(unquote(path.split("/functions/", 1)[1].rsplit("/invocations", 1)[0]))
+        named = unquote(path.split("/functions/", 1)[1].rsplit("/invocations", 1)[0])
+        query = params.get("query_string") or {}  # the Qualifier parameter, serialized
+        qualifier = qualifier_of(named, query.get("Qualifier") if isinstance(query, dict) else None)
+        name = function_name_of(named)
         body = params.get("body") or b"{}"
         if isinstance(body, bytes | bytearray):
             body = body.decode("utf-8")
         event = json.loads(body) if body else {}
-        payload, function_error = self.invoke(name, event)
+        payload, function_error = self.invoke(name, event, qualifier)
         raw = json.dumps(payload, default=str).encode("utf-8")
         parsed = {
             "StatusCode": 200,
-            "ExecutedVersion": "$LATEST",
+            # An alias runs the version it points at (a deploy's first published version, locally).
+            "ExecutedVersion": "$LATEST" if qualifier in (None, "$LATEST") else "1",
             "Payload": StreamingBody(io.BytesIO(raw), len(raw)),
             "ResponseMetadata": {"HTTPStatusCode": 200, "RequestId": "local"},
         }

@@ -10,8 +10,11 @@ logged, so printed tokens die with the process), a JWKS holding its public half 
 host: the API's port serves only the template's routes (anything else is API Gateway's 404).
 
 It mints tokens like Cognito's: access tokens (`token_use=access`, `client_id`, `scope`, no
-`aud`) and id tokens (`token_use=id`, `aud`, `email`), RS256 with the key's `kid`. The local
-runtime mints tokens for the users it is told about, and the web app signs in through the
+`aud`) and id tokens (`token_use=id`, `aud`, `email`), RS256 with the key's `kid`. A second app
+client, `backend_client_id`, plays the template's BackendClient: its client-credentials
+access tokens are Cognito's shape for that grant (`sub` = `client_id` = the client's id,
+`scope` = the resource server's scopes, here `avatarflow/admin`; no `username`).
+The local runtime mints tokens for the users it is told about, and the web app signs in through the
 same two endpoints Cognito's hosted UI gives a public app client (`/oauth2/authorize`,
 `/oauth2/token`; authorization code with PKCE S256, RFC 7636), so the app's sign-in code is
 the one that runs in the cloud. The local authorize page asks only for a user id: there are
@@ -47,6 +50,7 @@ from avatarflow_local.workflow_stack import REGION, load_template
 LOG = logging.getLogger(__name__)
 ALGORITHM = "RS256"  # what Cognito signs with; the JWKS key says so (`alg`), so only RS256 verifies
 COGNITO_SIGNIN_SCOPE = "aws.cognito.signin.user.admin"  # the scope of a USER_PASSWORD_AUTH access token
+ADMIN_SCOPE = "avatarflow/admin"  # template: ApiResourceServer `avatarflow`, scope `admin`
 UNIT_S = {"seconds": 1, "minutes": 60, "hours": 3600, "days": 86400}
 CODE_TTL_S = 300  # Cognito's authorization codes are valid for 5 minutes
 AUTHORIZE_PATH = "/oauth2/authorize"  # the paths of a Cognito user pool domain
@@ -83,10 +87,11 @@ class LocalIssuer(BackgroundServer):
     thread_name = "local-issuer"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, pool_id: str | None = None,
-                 client_id: str | None = None):
+                 client_id: str | None = None, backend_client_id: str | None = None):
         # The Cognito shapes: pool "us-east-1_AbC123xyZ", app client id of 26 [a-z0-9].
         self.pool_id = pool_id or f"{REGION}_{_random(string.ascii_letters + string.digits, 9)}"
         self.client_id = client_id or _random(string.ascii_lowercase + string.digits, 26)
+        self.backend_client_id = backend_client_id or _random(string.ascii_lowercase + string.digits, 26)
         self.access_ttl_s, self.id_ttl_s = token_validity_s()  # the template's app client: 60 minutes
         self._key = RSAKey.generate_key(2048, parameters={"use": "sig", "alg": ALGORITHM}, auto_kid=True)
         self.kid = self._key.kid
@@ -102,7 +107,8 @@ class LocalIssuer(BackgroundServer):
         self.callback_urls.add(url)
 
     def __repr__(self) -> str:  # never the key
-        return f"LocalIssuer(issuer={self.issuer!r}, client_id={self.client_id!r}, kid={self.kid!r})"
+        return (f"LocalIssuer(issuer={self.issuer!r}, client_id={self.client_id!r}, "
+                f"backend_client_id={self.backend_client_id!r}, kid={self.kid!r})")
 
     # ------------------------------------------------------------------ documents
     @property
@@ -169,6 +175,16 @@ class LocalIssuer(BackgroundServer):
         `username`. Keyword overrides replace claims (None removes one), e.g. `exp=...`."""
         claims = {"client_id": self.client_id, "scope": " ".join(scopes), "username": sub, **overrides}
         return self.sign(self._base(sub, "access", self.access_ttl_s, claims))
+
+    def client_credentials_token(self, scopes: tuple[str, ...] = (ADMIN_SCOPE,), **overrides: Any) -> str:
+        """What Cognito's token endpoint answers BackendClient's client-credentials grant: an
+        access token whose `sub` and `client_id` are the client's id, `scope` the granted
+        resource-server scopes, and no `username` (there is no user)."""
+        now = int(time.time())
+        claims = {"sub": self.backend_client_id, "client_id": self.backend_client_id, "iss": self.issuer,
+                  "token_use": "access", "scope": " ".join(scopes), "auth_time": now, "iat": now,
+                  "exp": now + self.access_ttl_s, "jti": str(uuid.uuid4()), "version": 2, **overrides}
+        return self.sign({k: v for k, v in claims.items() if v is not None})
 
     def id_token(self, sub: str, email: str | None = None, **overrides: Any) -> str:
         """A Cognito-style id token: `aud` = the app client id, `email`, `cognito:username`."""

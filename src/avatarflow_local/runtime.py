@@ -168,6 +168,10 @@ class LocalRuntime:
         """A Cognito-style access token for this user from the local issuer."""
         return self.issuer.access_token(user_id)
 
+    def admin_token(self) -> str:
+        """A client-credentials access token of the backend client (scope avatarflow/admin)."""
+        return self.issuer.client_credentials_token()
+
     # ------------------------------------------------------------------ lifecycle
     def _setenv(self, **values: str | None) -> None:
         for name, value in values.items():
@@ -255,9 +259,11 @@ class LocalRuntime:
             # roles' grants on it must not stand in for grants on the data bucket).
             overrides["BaseModelS3Uri"] = f"s3://{s.stack_name}-base-models/{TINY_BASE_PREFIX}"
         # The local issuer is the template's "OIDC issuer given as parameters" (JwtIssuer,
-        # JwtAudience): the HttpApi's JwtConfiguration resolves to its URL and client id.
+        # JwtAudience, JwtBackendAudience): the HttpApi's JwtConfiguration resolves to its URL
+        # and both client ids (users' and the backend's).
         self.issuer = LocalIssuer(s.host, s.issuer_port).start()
-        parameters = {"JwtIssuer": self.issuer.issuer, "JwtAudience": self.issuer.client_id}
+        parameters = {"JwtIssuer": self.issuer.issuer, "JwtAudience": self.issuer.client_id,
+                      "JwtBackendAudience": self.issuer.backend_client_id}
         if s.moderation is not None:
             parameters.update(PromptToxicityCheck="comprehend", OutputModeration="rekognition",
                               UploadModeration="rekognition")

@@ -17,7 +17,7 @@ from pathlib import Path
 import boto3
 import yaml
 
-from avatarflow_local import iam, training_job
+from avatarflow_local import atomic_items, iam, training_job
 from avatarflow_local import moderation_stand_in as _moderation_stand_in  # noqa: F401 - its botocore hooks
 from avatarflow_local.functions import REPO_ROOT
 from avatarflow_local.lambda_hook import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, FunctionSpec, function_name_of
@@ -74,6 +74,14 @@ def lambda_arn(name: str) -> str:
     return f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{name}"
 
 
+def alias_arn(template: dict, logical_id: str) -> str:
+    """`!Ref <Function>.Alias`: the ARN of the function's AutoPublishAlias (name:alias)."""
+    alias = template["Resources"][logical_id]["Properties"].get("AutoPublishAlias")
+    if not alias:
+        raise KeyError(f"{logical_id}.Alias: the function has no AutoPublishAlias")
+    return f"{lambda_arn(function_folder(template, logical_id))}:{alias}"
+
+
 def definition_substitution_keys(template: dict | None = None) -> dict:
     template = template or load_template()
     return template["Resources"][STATE_MACHINE]["Properties"]["DefinitionSubstitutions"]
@@ -115,6 +123,8 @@ def local_substitutions(bucket: str, table: str, topic_arn: str, **overrides: st
         if isinstance(source, dict) and "Fn::GetAtt" in source and source["Fn::GetAtt"][1] == "Arn" \
                 and template["Resources"][source["Fn::GetAtt"][0]]["Type"] == "AWS::Serverless::Function":
             subs[key] = lambda_arn(function_folder(template, source["Fn::GetAtt"][0]))
+        elif isinstance(source, dict) and str(source.get("Ref", "")).endswith(".Alias"):
+            subs[key] = alias_arn(template, source["Ref"].removesuffix(".Alias"))
         elif key in values:
             subs[key] = values[key]
         else:
@@ -143,6 +153,7 @@ def render_definition(subs: dict[str, str], path: Path = DEFINITION) -> str:
 # function environments and event sources), so a change to template.yaml shows up locally.
 
 NO_VALUE = {"Ref": "AWS::NoValue"}  # a property or list item CloudFormation drops
+_DROPPED = type("NoValue", (), {"__repr__": lambda self: "AWS::NoValue"})()  # what NO_VALUE resolves to
 PSEUDO_PARAMETERS = {"AWS::AccountId": ACCOUNT, "AWS::Region": REGION, "AWS::Partition": "aws",
                      "AWS::URLSuffix": "amazonaws.com"}
 
@@ -161,6 +172,8 @@ class TemplateResolver:
         self.physical: dict[str, dict[str, str]] = {}
 
     def ref(self, name: str) -> str:
+        if name == "AWS::NoValue":  # dropped from the list or mapping holding it (also via Fn::If)
+            return _DROPPED
         if name == "AWS::StackName":
             return self.stack_name
         if name in PSEUDO_PARAMETERS:
@@ -192,7 +205,7 @@ class TemplateResolver:
                 return all(self._condition(a) for a in arg)
             if fn == "Fn::Or":
                 return any(self._condition(a) for a in arg)
-            if fn == "Condition":
+            if fn in ("Condition", "Fn::Condition"):  # !Condition reads as Fn::Condition here
                 return self.condition(arg)
         return self.resolve(value)
 
@@ -232,9 +245,10 @@ class TemplateResolver:
         if isinstance(value, dict):
             if any(k.startswith("Fn::") for k in value):
                 raise KeyError(f"intrinsic not supported locally: {sorted(value)}")
-            return {k: self.resolve(v) for k, v in value.items() if v != NO_VALUE}
+            resolved = {k: self.resolve(v) for k, v in value.items()}
+            return {k: v for k, v in resolved.items() if v is not _DROPPED}
         if isinstance(value, list):
-            return [self.resolve(v) for v in value if v != NO_VALUE]
+            return [v for v in (self.resolve(v) for v in value) if v is not _DROPPED]
         return value
 
 
@@ -400,6 +414,7 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
     """Every resource of template.yaml that the handlers, the state machine and the local
     stand-ins use, created against the AWS endpoint boto3 is pointed at (moto)."""
     template = load_template()
+    atomic_items.install()  # conditional writes as atomic as DynamoDB's (moto's are not)
     res = TemplateResolver(template, stack_name, {**LOCAL_PARAMETERS, **(parameters or {})})
     phys = res.physical
     arn = f"{REGION}:{ACCOUNT}"
@@ -576,6 +591,9 @@ def _stack_roles(template: dict, res: TemplateResolver, subs: dict) -> tuple[dic
     for lid, resource in translated["Resources"].items():
         if resource["Type"] == "AWS::IAM::Role" and lid not in deployed.physical:
             deployed.physical[lid] = {"Arn": f"arn:aws:iam::{ACCOUNT}:role/{res.stack_name}-{lid}"}
+        elif resource["Type"] == "AWS::Lambda::Alias":  # SAM's <Function>Alias<name>: Ref is its ARN
+            function = resource["Properties"]["FunctionName"]["Ref"]
+            deployed.physical[lid] = {"Ref": alias_arn(template, function)}
     statements = iam.role_statements(translated, deployed.resolve)
     by_arn = {deployed.physical[lid]["Arn"]: s for lid, s in statements.items()}
     function_roles = {
@@ -603,5 +621,6 @@ def function_specs(template: dict, function_env: dict[str, dict[str, str]],
             timeout_s=float(props.get("Timeout", shared.get("Timeout", DEFAULT_TIMEOUT_S))),
             memory_mb=int(props.get("MemorySize", shared.get("MemorySize", DEFAULT_MEMORY_MB))),
             role_arn=roles[lid],
+            aliases=(props["AutoPublishAlias"],) if props.get("AutoPublishAlias") else (),
         )
     return specs

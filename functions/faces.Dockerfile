@@ -1,4 +1,5 @@
-# Lambda container image for the face functions (preprocess_image, build_dataset).
+# Lambda container image for the face functions (preprocess_image, build_dataset) and the
+# avatar packs (pack: its contact sheet is drawn with OpenCV).
 # OpenCV + numpy + the YuNet/SFace ONNX models overrun the 250 MB zip limit.
 # Build context: the repository root (template.yaml Metadata.DockerContext: .).
 FROM public.ecr.aws/lambda/python:3.12
@@ -15,5 +16,6 @@ COPY src/avatarflow ${LAMBDA_TASK_ROOT}/avatarflow
 # One folder per handler; ImageConfig.Command picks one (e.g. preprocess_image.app.handler).
 COPY functions/preprocess_image/app.py ${LAMBDA_TASK_ROOT}/preprocess_image/app.py
 COPY functions/build_dataset/app.py ${LAMBDA_TASK_ROOT}/build_dataset/app.py
+COPY functions/pack/app.py ${LAMBDA_TASK_ROOT}/pack/app.py
 
 CMD ["preprocess_image.app.handler"]

@@ -81,6 +81,12 @@ ALLOWED_ERRORS = {
         "Lambda.ClientExecutionTimeoutException", "Lambda.ServiceException", "Lambda.AWSLambdaException",
         "Lambda.SdkClientException", "Lambda.TooManyRequestsException", "Lambda.Unknown",
     },
+    # The pack round (task token): the same Lambda errors, plus what the function raises itself:
+    # an unhandled exception arrives under its errorType, the class name (PACK_FUNCTION_ERRORS).
+    "arn:aws:states:::lambda:invoke.waitForTaskToken": {
+        "Lambda.ClientExecutionTimeoutException", "Lambda.ServiceException", "Lambda.AWSLambdaException",
+        "Lambda.SdkClientException", "Lambda.TooManyRequestsException", "Lambda.Unknown", "UserErased",
+    },
     "arn:aws:states:::sagemaker:createTrainingJob.sync": {
         "SageMaker.AmazonSageMakerException", "SageMaker.ResourceLimitExceededException",
         "SageMaker.ResourceInUseException", "SageMaker.ResourceNotFoundException",
@@ -101,6 +107,10 @@ ALLOWED_ERRORS = {
         "S3.S3Exception", "S3.NoSuchBucketException", "S3.SdkClientException",
     },
 }
+# Exceptions functions/pack/app.py raises by name for the state machine to catch.
+PACK_FUNCTION_ERRORS = ("UserErased",)
+# The longest a pack round may wait for its generations (queue, scale from zero, 10 styles x 8 images).
+PACK_ROUND_BOUND_S = 2 * 3600
 # Step Functions' own names (Developer Guide, "Error names"); valid after any state.
 STATES_ERRORS = {"States.ALL", "States.TaskFailed", "States.Timeout", "States.HeartbeatTimeout",
                  "States.Permissions", "States.IntrinsicFailure", "States.ResultPathMatchFailure",
@@ -358,6 +368,9 @@ def test_retry_and_catch_name_only_errors_the_integration_raises():
             assert not unknown, f"{name} ({resource}): AWS never raises {sorted(unknown)}"
             seen |= set(rule["ErrorEquals"])
     assert "SageMaker.ResourceLimitExceededException" in seen and "Lambda.ServiceException" in seen
+    source = (REPO / "functions/pack/app.py").read_text()
+    for error in PACK_FUNCTION_ERRORS:  # the name caught is a class the function raises
+        assert error in seen and f"class {error}(Exception)" in source and f"raise {error}(" in source
 
 
 def test_retries_are_for_transient_errors_only():
@@ -446,7 +459,10 @@ def test_every_task_has_a_timeout_bounded_by_the_template():
         if not waits_for_heartbeats:
             assert "HeartbeatSeconds" not in state and "HeartbeatSecondsPath" not in state, \
                 f"{name}: {resource} sends no heartbeats"
-        if resource == "arn:aws:states:::lambda:invoke":
+        if resource == "arn:aws:states:::lambda:invoke.waitForTaskToken":
+            # Bounded by the wait for the callback, not by the function's run.
+            assert 0 < state["TimeoutSeconds"] <= PACK_ROUND_BOUND_S, name
+        elif resource == "arn:aws:states:::lambda:invoke":
             key = re.fullmatch(r"\$\{(\w+)\}", raw[name]["Parameters"]["FunctionName"]).group(1)
             limit = function_timeouts[key]
             assert limit < state["TimeoutSeconds"] <= limit + 60, \

@@ -248,6 +248,10 @@ def test_the_sweep_removes_every_object_row_and_subscription_of_the_user_and_onl
     put_model(world, "alice", "v1", "READY", training_job="avatar-job-alice")
     put_model(world, "alice", "v2", "FAILED")
     put_model(world, "bob", "v1", "READY", training_job="avatar-job-bob")
+    pack_rows = boto3.resource("dynamodb").Table(world.r.physical["PacksTable"]["Ref"])
+    for user in ("alice", "bob"):  # avatar packs (their objects are under packs/ and generations/)
+        pack_rows.put_item(Item={"user_id": user, "pack_id": "p1", "status": "COMPLETED",
+                                 "contact_sheet_key": keys.contact_sheet_key(user, "p1")})
     subscribe(world, "alice", "alice@example.com")
     subscribe(world, "bob", "bob@example.com")
     world.sns.subscribe(TopicArn=world.r.topic_arn, Protocol="email", Endpoint="ops@example.com")
@@ -260,6 +264,8 @@ def test_the_sweep_removes_every_object_row_and_subscription_of_the_user_and_onl
     report = world.sweep()
     assert report["outcome"] == "pending" and report["scheduled"] is True  # not old enough to end
     assert report["subscriptions"] == 1 and report["registry_rows"] == 2 + 3  # models, then usage rows
+    assert report["pack_rows"] == 1
+    assert [r["user_id"] for r in pack_rows.scan()["Items"]] == ["bob"]
 
     for prefix in keys.USER_PREFIXES:
         assert versions(world, keys.user_prefix(prefix, "alice")) == []
@@ -518,17 +524,22 @@ def test_the_state_machine_publishes_nothing_for_an_erased_user():
     definition = json.loads(render_definition({k: "x" for k in re.findall(
         r"\$\{([A-Za-z0-9_]+)\}", (REPO / "statemachines/train_avatar.asl.json").read_text())}))
     states = definition["States"]
-    checked = 0
+    checked = []
     for name, state in states.items():
         if "erased.$" not in state.get("ResultSelector", {}):
             continue
         choice = states[state["Next"]]
-        (rule,) = [c for c in choice["Choices"] if c.get("BooleanEquals") is True]
-        assert rule["Variable"] == f"{state['ResultPath']}.erased"
+        rule = choice["Choices"][0]  # asked first, before any other branch
+        assert rule["Variable"] == f"{state['ResultPath']}.erased" and rule["BooleanEquals"] is True
         assert states[rule["Next"]]["Type"] == "Succeed"
-        assert states[choice["Default"]]["Resource"].endswith(":sns:publish")
-        checked += 1
-    assert checked == 3  # RegisterModel, DescribeRejection, DescribeFailure
+        if name not in ("PlanPack", "ReviewPack"):
+            assert states[choice["Default"]]["Resource"].endswith(":sns:publish")
+        checked.append(name)
+    assert sorted(checked) == ["DescribeFailure", "DescribeRejection", "PlanPack", "RegisterModel",
+                               "ReviewPack"]
+    # The pack's round raises UserErased (a callback task's output is the callback's): caught first.
+    assert states["GenerateRound"]["Catch"][0] == {
+        "ErrorEquals": ["UserErased"], "ResultPath": "$.pack_error", "Next": "UserErased"}
 
 
 def _lifecycle_rules():

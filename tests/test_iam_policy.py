@@ -46,6 +46,8 @@ RESOURCE_STAR_ONLY = {
     "xray:GetSamplingRules": "X-Ray SDK sampling; no resource-level permissions",
     "xray:GetSamplingTargets": "X-Ray SDK sampling; no resource-level permissions",
     "ecr:GetAuthorizationToken": "SageMaker pulls the image; the token is registry-wide, Resource must be *",
+    "states:SendTaskSuccess": "task-token callbacks (pack rounds): no resource-level permissions, the token "
+    "is the authorization",
     "cloudwatch:PutMetricData": "SageMaker job/endpoint metrics; Resource must be *, so a namespace "
     "condition scopes it (enforced below)",
     # Step Functions (and API Gateway) vended log delivery: AWS documents Resource "*" for these.
@@ -80,7 +82,8 @@ MANAGED_POLICY_ALLOWLIST = {
 # Where each S3 prefix of the layout comes from (avatarflow.keys is the one place they are spelled).
 LAYOUT_PREFIXES = (
     keys.UPLOADS, keys.DATASETS, keys.TRAINING, keys.MODELS, keys.REQUESTS, keys.GENERATIONS,
-    keys.ASYNC_OUTPUT, keys.ASYNC_FAILURES,
+    keys.ASYNC_OUTPUT, keys.ASYNC_FAILURES, keys.PACKS,
+    keys.STYLES_OBJECT,  # one object: the operator's pack styles (avatarflow.styles)
 )
 # Each bucket's layout: where objects may be granted and which s3:prefix a listing may name.
 BUCKET_LAYOUTS = {"DataBucket": LAYOUT_PREFIXES, "WebBucket": (webapp.APP_PREFIX,)}

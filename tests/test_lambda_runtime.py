@@ -116,7 +116,7 @@ def test_specs_come_from_the_template(stack):
         assert set(specs[folder].environment) == set(function_variables(template, lid))
     # Another function's variables are not in this one's environment.
     assert "STATE_MACHINE_ARN" in specs["on_upload"].environment
-    assert "STATE_MACHINE_ARN" not in specs["api"].environment
+    assert "TOPIC_ARN" not in specs["api"].environment
 
 
 def test_an_unknown_function_is_resource_not_found(stack):

@@ -42,13 +42,15 @@ def fetch_png(url):
 
 class FirstGeneratedImageIsExplicit:
     """The Rekognition stand-in's verdict: the first generated image (64 px, the tiny model's)
-    carries an Explicit label; uploaded photos (larger) carry none."""
+    once armed carries an Explicit label; uploaded photos (larger) and the avatar pack made
+    after MODEL_READY (before it is armed) carry none."""
 
     def __init__(self):
         self.flagged = 0
+        self.armed = False
 
     def __call__(self, image):
-        if image.size != (64, 64) or self.flagged:
+        if image.size != (64, 64) or self.flagged or not self.armed:
             return []
         self.flagged += 1
         return [{"Name": "Explicit Nudity", "ParentName": "Explicit", "Confidence": 96.5, "TaxonomyLevel": 2},
@@ -59,7 +61,8 @@ def test_in_process_stack_upload_to_model_ready_to_generation(tmp_path):
     """The whole path with the moderation layers on as deployed (a stand-in answers Rekognition
     and Comprehend): uploads checked, a flagged output withheld and reported, never delivered."""
     user, batch = "ada", "b1"
-    judge = ModerationStandIn(image_labels=FirstGeneratedImageIsExplicit())
+    first_generated = FirstGeneratedImageIsExplicit()
+    judge = ModerationStandIn(image_labels=first_generated)
     settings = Settings(out_dir=tmp_path / "out", train_steps=3, progress=False, moderation=judge)
     with LocalRuntime(settings) as rt:
         s3 = rt.client("s3")
@@ -116,6 +119,7 @@ def test_in_process_stack_upload_to_model_ready_to_generation(tmp_path):
         assert call("GET", f"{api}/nowhere", token)[0] == 404
         status, models = call("GET", f"{api}/users/{user}/models", token)
         assert status == 200 and models["latest_ready"] == batch
+        first_generated.armed = True  # the pack's images (made already) passed moderation
         status, queued = call(
             "POST",
             f"{api}/users/{user}/generations",
@@ -142,7 +146,8 @@ def test_in_process_stack_upload_to_model_ready_to_generation(tmp_path):
         assert called.count("rekognition:DetectFaces") >= 8
         assert called.count("comprehend:DetectToxicContent") == 1
         allowed = rt.resources.enforcer.allowed
-        assert allowed[("avatarflow-local-InferenceRole", "rekognition:DetectModerationLabels")] == 2
+        # The generation's 2 images and the pack's 2 (one per style, made after MODEL_READY).
+        assert allowed[("avatarflow-local-InferenceRole", "rekognition:DetectModerationLabels")] == 2 + 2
         gen_row = ddb.Table(rt.resources.generations_table).get_item(
             Key={"generation_id": queued["generation_id"]}
         )["Item"]
@@ -150,6 +155,29 @@ def test_in_process_stack_upload_to_model_ready_to_generation(tmp_path):
             f"s3://{rt.bucket}/{keys.ASYNC_OUTPUT}"
         )
         assert len(listed(keys.generation_prefix(user, queued["generation_id"]))) == 2  # 1 PNG + result.json
+
+        # The avatar pack after MODEL_READY (local: 2 styles x 1 image), made on the endpoint by the
+        # same execution: MODEL_READY first, then PACK_READY with the contact sheet and links.
+        states = [e["stateEnteredEventDetails"]["name"] for e in rt.history(desc["executionArn"])
+                  if e["type"].endswith("StateEntered")]
+        assert states.index("NotifyReady") < states.index("GenerateRound") < states.index("NotifyPack")
+        deadline = time.time() + 10
+        while not list(rt.mail_dir.glob("*PACK_READY*.eml")) and time.time() < deadline:
+            time.sleep(0.1)
+        (pack_mail,) = rt.mail_dir.glob("*PACK_READY*.eml")
+        assert "To: ada@example.com" in pack_mail.read_text()
+        status, listed_packs = call("GET", f"{api}/users/{user}/packs", token)
+        assert status == 200 and [p["status"] for p in listed_packs["packs"]] == ["COMPLETED"]
+        pack_id = listed_packs["packs"][0]["pack_id"]
+        status, pack = call("GET", f"{api}/users/{user}/packs/{pack_id}", token)
+        assert status == 200 and (pack["styles_done"], pack["styles_total"]) == (2, 2), pack
+        assert [s["name"] for s in pack["styles"]] == ["studio-portrait", "corporate-headshot"]
+        for style in pack["styles"]:
+            (image,) = style["images"]
+            assert fetch_png(image["url"]).size == (64, 64)
+        sheet = fetch_png(pack["contact_sheet_url"])
+        assert sheet.size[0] > 160 and sheet.size[1] > 2 * 160
+        assert call("GET", f"{api}/users/{user}/packs/{pack_id}", rt.token("eve"))[0] == 403
 
         # Platform access through the front door: the JWT authorizer's rules (401; 403 for a
         # route's missing scope), then the API's caller check (403 for another user).
@@ -175,12 +203,20 @@ def test_in_process_stack_upload_to_model_ready_to_generation(tmp_path):
         status, used = call("GET", f"{api}/users/{user}/usage", token)
         assert status == 200 and used["total"] == used["this_month"]
         assert used["total"]["training_seconds"] == billed >= 1 and used["total"]["trainings"] == 1
-        gpu_seconds = result["timings"]["total_ms"] / 1000
+        # The avatar pack's generations (2 styles x 1 image, made after MODEL_READY) are metered too.
+        pack_row = ddb.Table(rt.resources.physical["PacksTable"]["Ref"]).get_item(
+            Key={"user_id": user, "pack_id": pack_id})["Item"]
+        pack_results = [
+            json.loads(s3.get_object(Bucket=rt.bucket, Key=keys.result_key(user, g))["Body"].read())
+            for g in pack_row["generation_ids"]
+        ]
+        assert len(pack_results) == 2
+        gpu_seconds = sum(r["timings"]["total_ms"] for r in [result, *pack_results]) / 1000
         assert used["total"]["inference_seconds"] == pytest.approx(gpu_seconds, abs=1e-3)
         # Images metered: those delivered (the withheld one cost GPU time, counted in seconds);
-        # the day's quota counts the 2 requested.
+        # the day's quota counts the 2 requested (packs are not taken from it: see docs).
         delivered = sum(1 for image in result["images"] if image["withheld"] is False)
-        assert (used["total"]["images"], used["total"]["generations"]) == (delivered, 1) == (1, 1)
+        assert (used["total"]["images"], used["total"]["generations"]) == (delivered + 2, 1 + 2) == (3, 3)
         assert used["today"]["images"]["used"] == 2 and used["today"]["batches"]["used"] == 1
         status, listing = call("GET", f"{api}/admin/users", admin)
         assert status == 200 and {u["user_id"]: u["usage"] for u in listing["users"]}[user] == used["total"]

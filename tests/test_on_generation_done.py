@@ -218,3 +218,30 @@ def test_parse_notice_matches_the_sagemaker_shape():
     assert (notice.completed, notice.failure_reason) == (True, None)
     with pytest.raises(ValueError):
         gen.parse_async_notice({"inferenceId": "x", "invocationStatus": "Maybe"})
+
+
+def test_a_packs_round_is_resumed_once_by_its_last_generation(done, stack):
+    """Generations of an avatar pack leave the pack's waiting set; the notice that empties it
+    sends the round's task token once (a duplicate notice, even of the last one, sends nothing
+    more)."""
+    packs_table = boto3.resource("dynamodb").Table(stack.resources.physical["PacksTable"]["Ref"])
+    packs_table.put_item(Item={"user_id": "alice", "pack_id": "p1", "task_token": "tok-1",
+                               "waiting": {"gen0001", "gen0002"}})
+    for generation_id in ("gen0001", "gen0002"):
+        done.pending_row(generation_id)
+        done.table.update_item(Key={"generation_id": generation_id}, UpdateExpression="SET pack_id = :p",
+                               ExpressionAttributeValues={":p": "p1"})
+    sent = []
+    sfn = stack.module("on_generation_done").aws().sfn
+    original = sfn.send_task_success
+    sfn.send_task_success = lambda **kw: sent.append(kw) or original(**kw)
+    try:
+        assert done(done.failure("gen0001")) == ["FAILED"]
+        row = packs_table.get_item(Key={"user_id": "alice", "pack_id": "p1"})["Item"]
+        assert sent == [] and row["waiting"] == {"gen0002"}
+        assert done(done.failure("gen0002")) == ["FAILED"]
+        assert done(done.failure("gen0002")) == ["duplicate"]
+    finally:
+        sfn.send_task_success = original
+    assert [kw["taskToken"] for kw in sent] == ["tok-1"]
+    assert "waiting" not in packs_table.get_item(Key={"user_id": "alice", "pack_id": "p1"})["Item"]

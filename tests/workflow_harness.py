@@ -62,7 +62,9 @@ def aws(tiny_model):
         for path in Path(tiny_model).rglob("*"):
             if path.is_file():
                 s3.upload_file(str(path), BASE_MODEL_BUCKET, f"tiny-sd/{path.relative_to(tiny_model)}")
-        stack = create_local_stack(BaseModelS3Uri=f"s3://{BASE_MODEL_BUCKET}/tiny-sd/")
+        # No endpoint here: PackStyles 0 turns the pack after MODEL_READY off (the template's
+        # switch; tests/test_packs.py and tests/test_local_stack.py run packs).
+        stack = create_local_stack(BaseModelS3Uri=f"s3://{BASE_MODEL_BUCKET}/tiny-sd/", PackStyles="0")
         hook = LambdaHook(stack.function_specs).install()
         sqs = boto3.client("sqs")
         queue = sqs.create_queue(QueueName="inbox")["QueueUrl"]

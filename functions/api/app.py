@@ -42,10 +42,10 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from avatarflow import __version__, erasure, keys, moderation, usage
+from avatarflow import __version__, erasure, keys, moderation, packs, styles, usage
 from avatarflow import generations as gen
 from avatarflow.ids import ID_PATTERN, InvalidIdError, new_id, validate_id
-from avatarflow.workflow import MAX_BATCH_PHOTOS
+from avatarflow.workflow import MAX_BATCH_PHOTOS, execution_name
 
 logger = Logger(service="api")
 tracer = Tracer(service="api")
@@ -99,6 +99,7 @@ def aws() -> SimpleNamespace:
         runtime=boto3.client("sagemaker-runtime"),
         dynamodb=boto3.resource("dynamodb"),
         sqs=boto3.client("sqs"),
+        sfn=boto3.client("stepfunctions"),
         comprehend=boto3.client("comprehend"),
     )
 
@@ -142,6 +143,25 @@ class GenerationBody(BaseModel):
         if negative:
             moderation.check_negative_prompt(negative)
         return negative
+
+
+StyleName = Annotated[str, StringConstraints(pattern=styles.NAME_PATTERN)]
+
+
+class PackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    styles: list[StyleName] | None = Field(
+        None, min_length=1, max_length=styles.MAX_STYLES,
+        description="Names from the style catalogue; default: every style of the catalogue.",
+    )
+
+    @field_validator("styles")
+    @classmethod
+    def _unique_styles(cls, names: list[str] | None) -> list[str] | None:
+        if names is not None and len(set(names)) != len(names):
+            raise ValueError("style names must be unique")
+        return names
 
 
 class UploadFile(BaseModel):
@@ -235,7 +255,7 @@ def _check_caller() -> None:
         return  # no route matched (404) or a CORS preflight: nothing of a user's to guard
     caller = _caller()
     errors = []
-    for name in ("user_id", "generation_id"):
+    for name in ("user_id", "generation_id", "pack_id"):
         if name in route_args:
             try:
                 validate_id(route_args[name], name)
@@ -247,8 +267,10 @@ def _check_caller() -> None:
         raise ForbiddenError(f"this route needs the {ADMIN_SCOPE} scope")
     if not caller.admin and caller.subject != route_args.get("user_id"):
         raise ForbiddenError("this token may not act for that user")
-    logger.append_keys(admin=caller.admin,
-                       **{k: route_args[k] for k in ("user_id", "generation_id") if k in route_args})
+    logger.append_keys(
+        admin=caller.admin,
+        **{k: route_args[k] for k in ("user_id", "generation_id", "pack_id") if k in route_args},
+    )
 
 
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -556,8 +578,6 @@ def create_generation(user_id: str, body: Annotated[GenerationBody, Body()]):
         return _over_quota(err)
     generation_id = new_id()
     logger.append_keys(generation_id=generation_id)
-    bucket = _env("BUCKET_NAME")
-    request_key = keys.request_key(generation_id)
     document = {
         "generation_id": generation_id,
         "user_id": user_id,
@@ -565,69 +585,21 @@ def create_generation(user_id: str, body: Annotated[GenerationBody, Body()]):
         **body.model_dump(exclude={"model_version"}),
     }
     document = {field: document[field] for field in gen.REQUEST_FIELDS}
-    aws().s3.put_object(
-        Bucket=bucket,
-        Key=request_key,
-        Body=json.dumps(document).encode(),
-        ContentType="application/json",
-    )
-    now = gen.utc_now()
-    ttl_days = _int_env("GENERATION_TTL_DAYS", 30)
-    table = _generations_table()
-    # The row exists before the endpoint is called: a fast endpoint (the local one) may
-    # notify before InvokeEndpointAsync even returns.
-    table.put_item(
-        Item=gen.to_dynamo(
-            {
-                "generation_id": generation_id,
-                "user_id": user_id,
-                "model_version": model["version"],
-                "status": gen.PENDING,
-                "request_key": request_key,
-                "params": {k: document[k] for k in gen.REQUEST_FIELDS[3:]},
-                "created_at": now,
-                "updated_at": now,
-                "ttl": int((datetime.now(UTC) + timedelta(days=ttl_days)).timestamp()),
-            }
-        ),
-        ConditionExpression="attribute_not_exists(generation_id)",
-    )
     try:
-        answer = aws().runtime.invoke_endpoint_async(
-            EndpointName=_env("ENDPOINT_NAME"),
-            InputLocation=f"s3://{bucket}/{request_key}",
-            InferenceId=generation_id,
-            ContentType="application/json",
+        # requests/<id>.json, the PENDING row (before the call: a fast endpoint may notify
+        # before InvokeEndpointAsync returns), the call, and where SageMaker will write.
+        gen.queue_generation(
+            s3=aws().s3, runtime=aws().runtime, table=_generations_table(), bucket=_env("BUCKET_NAME"),
+            endpoint_name=_env("ENDPOINT_NAME"), document=document,
+            ttl_days=_int_env("GENERATION_TTL_DAYS", 30),
         )
-    except (ClientError, BotoCoreError) as err:
+    except gen.NotQueued as err:
         logger.exception("InvokeEndpointAsync failed")
         metrics.add_metric(name="GenerationsNotQueued", unit=MetricUnit.Count, value=1)
         usage.give_back_images(_usage_table(), user_id, body.num_images)
-        table.update_item(
-            Key={"generation_id": generation_id},
-            UpdateExpression="SET #s = :failed, #e = :e, updated_at = :now",
-            ExpressionAttributeNames={"#s": "status", "#e": "error"},
-            ExpressionAttributeValues={
-                ":failed": gen.FAILED,
-                ":e": "could not queue the request",
-                ":now": now,
-            },
-        )
         raise ServiceUnavailableError(
             "the generation endpoint did not accept the request; retry later"
         ) from err
-    # Remember where SageMaker will write, so DELETE /users finds it even without a notice.
-    locations = {
-        k: answer.get(v)
-        for k, v in (("output_location", "OutputLocation"), ("failure_location", "FailureLocation"))
-        if answer.get(v)
-    }
-    if locations:
-        table.update_item(
-            Key={"generation_id": generation_id},
-            UpdateExpression="SET " + ", ".join(f"{k} = if_not_exists({k}, :{k})" for k in locations),
-            ExpressionAttributeValues={f":{k}": v for k, v in locations.items()},
-        )
     logger.info("generation queued", extra={"model_version": model["version"], "num_images": body.num_images})
     metrics.add_metric(name="GenerationsQueued", unit=MetricUnit.Count, value=1)
     metrics.add_metric(name="ImagesRequested", unit=MetricUnit.Count, value=body.num_images)
@@ -817,6 +789,158 @@ def admin_get_user(user_id: str):
     metrics.add_metric(name="AdminCalls", unit=MetricUnit.Count, value=1)
     return {**_usage_view(user_id), "batches": batches, "models": models["models"],
             "latest_ready": models["latest_ready"]}
+
+
+# --------------------------------------------------------------------------- avatar packs
+
+
+def _packs_table():
+    return aws().dynamodb.Table(_env("PACKS_TABLE"))
+
+
+def _catalogue() -> tuple[styles.Style, ...]:
+    """The style catalogue the pack function uses: defaults plus the operator's config/styles.json."""
+    try:
+        body = aws().s3.get_object(Bucket=_env("BUCKET_NAME"), Key=keys.STYLES_OBJECT)["Body"].read()
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "AccessDenied", "403"):
+            return styles.load(None)
+        raise
+    return styles.load(body)
+
+
+def _sign(key: str, ttl: int) -> str:
+    return aws().s3.generate_presigned_url("get_object", Params={"Bucket": _env("BUCKET_NAME"), "Key": key},
+                                           ExpiresIn=ttl)
+
+
+@app.post(
+    "/users/<user_id>/packs",
+    summary="Make an avatar pack (styled avatars, the most like the user kept) with the newest READY model",
+    responses={
+        202: {"description": "queued: pack_id and status_url"},
+        400: {"description": "bad body, or a style that is not in the catalogue"},
+        409: {"description": "no READY model"},
+        410: {"description": "the user was erased (DELETE /users/{user_id})"},
+        503: {"description": "the operator's style catalogue does not validate"},
+    },
+)
+@tracer.capture_method
+def create_pack(user_id: str, body: Annotated[PackBody | None, Body()] = None):
+    _refuse_if_erased(user_id)
+    model = _pick_model(user_id, None)
+    try:
+        catalogue = _catalogue()
+    except styles.CatalogueError:
+        logger.exception("the style catalogue (config/styles.json) does not validate")
+        raise ServiceUnavailableError("avatar packs are unavailable: the style catalogue is being fixed") \
+            from None
+    try:
+        chosen = styles.pick(catalogue, body.styles if body else None, styles.MAX_STYLES)
+    except styles.CatalogueError as err:
+        raise FieldErrors([{"field": "body.styles", "reason": _clip(str(err))}]) from None
+    pack_id = new_id()
+    logger.append_keys(pack_id=pack_id)
+    now = gen.utc_now()
+    _packs_table().put_item(
+        Item={
+            "user_id": user_id, "pack_id": pack_id, "status": packs.PENDING,
+            "model_version": model["version"], "styles": [s.name for s in chosen], "origin": "api",
+            "created_at": now, "updated_at": now,
+            "ttl": int((datetime.now(UTC) + timedelta(days=_int_env("GENERATION_TTL_DAYS", 30))).timestamp()),
+        },
+        ConditionExpression="attribute_not_exists(pack_id)",
+    )
+    aws().sfn.start_execution(
+        stateMachineArn=_env("STATE_MACHINE_ARN"),
+        name=execution_name(user_id, pack_id),
+        input=json.dumps({"user_id": user_id, "version": model["version"], "pack": {"pack_id": pack_id}}),
+    )
+    logger.info("pack requested", extra={"styles": len(chosen)})
+    metrics.add_metric(name="PacksRequested", unit=MetricUnit.Count, value=1)
+    return (
+        {
+            "pack_id": pack_id,
+            "status": packs.PENDING,
+            "model_version": model["version"],
+            "styles_total": len(chosen),
+            "status_url": _absolute_url(f"/users/{user_id}/packs/{pack_id}"),
+        },
+        202,
+    )
+
+
+def _interim_styles(row: dict) -> list[dict]:
+    """Styles of a pack still being made: RUNNING while a generation of theirs is pending."""
+    table = _generations_table()
+    by_style: dict[str, list[str]] = {}
+    for generation_id in row.get("generation_ids") or []:
+        item = table.get_item(Key={"generation_id": generation_id}).get("Item") or {}
+        if item.get("user_id") == row["user_id"] and item.get("style"):
+            by_style.setdefault(item["style"], []).append(item.get("status"))
+    views = []
+    for name in row.get("styles") or []:
+        found = by_style.get(name, [])
+        status = "PENDING" if not found else ("RUNNING" if gen.PENDING in found else "COMPLETED")
+        views.append({"name": name, "status": status, "images": []})
+    return views
+
+
+@app.get(
+    "/users/<user_id>/packs/<pack_id>",
+    summary="A pack: n of m styles done; once done, each style's kept images (presigned) with their scores",
+    responses={200: {"description": "the pack"}, 404: {"description": "no such pack for this user"}},
+)
+@tracer.capture_method
+def get_pack(user_id: str, pack_id: str):
+    item = _packs_table().get_item(Key={"user_id": user_id, "pack_id": pack_id}).get("Item")
+    if not item:
+        raise NotFoundError("pack not found")
+    row = gen.from_dynamo(item)
+    ttl = _int_env("IMAGE_URL_TTL_SECONDS", 900)
+    own = keys.user_prefix(keys.GENERATIONS, user_id)
+    if row.get("result") is not None:
+        views = []
+        for outcome in row["result"]:
+            view = {"name": outcome["name"], "status": outcome["status"], "images": [
+                {"url": _sign(i["key"], ttl), "identity_similarity": i.get("identity_similarity"),
+                 "seed": i.get("seed")}
+                for i in packs.deliverable(outcome.get("images") or []) if i["key"].startswith(own)]}
+            if outcome.get("error"):
+                view["error"] = outcome["error"]
+            views.append(view)
+    else:
+        views = _interim_styles(row)
+    answer = {
+        "pack_id": pack_id,
+        "status": row.get("status"),
+        "model_version": row.get("model_version"),
+        "styles_done": sum(1 for v in views if v["status"] in ("COMPLETED", "FAILED")),
+        "styles_total": len(row.get("styles") or []),
+        "styles": views,
+        "created_at": row.get("created_at"),
+        "updated_at": row.get("updated_at"),
+    }
+    sheet = row.get("contact_sheet_key")
+    if isinstance(sheet, str) and sheet.startswith(keys.pack_prefix(user_id, pack_id)):
+        answer["contact_sheet_url"] = _sign(sheet, ttl)
+        answer["expires_in"] = ttl
+    if row.get("error"):
+        answer["error"] = row["error"]
+    return answer
+
+
+@app.get("/users/<user_id>/packs", summary="The user's avatar packs, newest first")
+@tracer.capture_method
+def list_packs(user_id: str):
+    rows = _query_all(_packs_table(), KeyConditionExpression=Key("user_id").eq(user_id))
+    rows.sort(key=lambda r: (str(r.get("created_at", "")), str(r.get("pack_id", ""))), reverse=True)
+    return {"packs": [
+        {"pack_id": r["pack_id"], "status": r.get("status"), "created_at": r.get("created_at"),
+         "updated_at": r.get("updated_at"), "model_version": r.get("model_version"),
+         "styles_total": len(r.get("styles") or [])}
+        for r in rows
+    ]}
 
 
 # --------------------------------------------------------------------------- entry points

@@ -64,6 +64,7 @@ def aws() -> SimpleNamespace:
         erasures=ddb.Table(os.environ["ERASURES_TABLE"]),
         models=ddb.Table(os.environ["MODELS_TABLE"]),
         generations=ddb.Table(os.environ["GENERATIONS_TABLE"]),
+        packs=ddb.Table(os.environ["PACKS_TABLE"]),
         usage=ddb.Table(os.environ["USAGE_TABLE"]),
     )
 
@@ -181,8 +182,21 @@ def sweep_generations(
 
 
 def sweep_prefixes(user_id: str, bucket: str) -> int:
-    """Every object version under uploads/, datasets/, models/, generations/ <user_id>/."""
+    """Every object version under uploads/, datasets/, models/, generations/, packs/ <user_id>/."""
     return sum(delete_all_versions(bucket, keys.user_prefix(p, user_id)) for p in keys.USER_PREFIXES)
+
+
+def sweep_packs(user_id: str) -> int:
+    """The user's pack rows (their objects are under packs/ and generations/, swept with the
+    prefixes). Every pass: a pack execution still running may write its row again, and the
+    erasure does not end while one runs."""
+    table = aws().packs
+    rows = list(_pages(table.query, "Items", KeyConditionExpression=Key("user_id").eq(user_id),
+                       ProjectionExpression="pack_id"))
+    with table.batch_writer() as batch:
+        for row in rows:
+            batch.delete_item(Key={"user_id": user_id, "pack_id": row["pack_id"]})
+    return len(rows)
 
 
 def sweep_registry(user_id: str, bucket: str) -> tuple[int, int]:
@@ -307,6 +321,7 @@ def sweep(user_id: str, now: int | None = None) -> dict:
     executions = running_executions(user_id)
     removed, generations = sweep_generations(user_id, bucket, now, timing, force=timed_out)
     removed += sweep_prefixes(user_id, bucket)
+    pack_rows = sweep_packs(user_id)
     rows = 0
     if not executions or timed_out:
         registry_objects, rows = sweep_registry(user_id, bucket)
@@ -317,7 +332,8 @@ def sweep(user_id: str, now: int | None = None) -> dict:
     subscriptions = pending_subscriptions = 0
     if int(mark.get("sweeps", 0)) == 0 or finished:
         subscriptions, pending_subscriptions = remove_subscriptions(user_id)
-    report = {"removed": removed, "registry_rows": rows, "subscriptions": subscriptions,
+    report = {"removed": removed, "registry_rows": rows, "pack_rows": pack_rows,
+              "subscriptions": subscriptions,
               "pending_subscriptions": pending_subscriptions,
               "in_flight": {"generations": generations, "executions": executions}}
     if finished:

@@ -33,7 +33,8 @@ MAX_OUTPUT_BYTES = 1024 * 1024
 
 @cache
 def aws() -> SimpleNamespace:
-    return SimpleNamespace(s3=boto3.client("s3"), dynamodb=boto3.resource("dynamodb"))
+    return SimpleNamespace(s3=boto3.client("s3"), dynamodb=boto3.resource("dynamodb"),
+                           sfn=boto3.client("stepfunctions"))
 
 
 def _erased(user_id: str) -> bool:
@@ -138,6 +139,36 @@ def _finish(generation_id: str, values: dict) -> bool:
     return True
 
 
+def _release_pack(row: dict) -> None:
+    """A generation of an avatar pack (row has pack_id): take it off the pack's waiting set;
+    the notice that empties the set resumes the state machine's round (its task token). The
+    set's condition makes a duplicate notice a no-op, so the token is sent once."""
+    pack_id, user_id = row.get("pack_id"), row["user_id"]
+    try:
+        answer = aws().dynamodb.Table(os.environ["PACKS_TABLE"]).update_item(
+            Key={"user_id": user_id, "pack_id": pack_id},
+            UpdateExpression="DELETE waiting :g",
+            ConditionExpression="contains(waiting, :id)",
+            ExpressionAttributeValues={":g": {row["generation_id"]}, ":id": row["generation_id"]},
+            ReturnValues="ALL_NEW",
+        )
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            return
+        raise
+    attributes = answer.get("Attributes", {})
+    if attributes.get("waiting") or not attributes.get("task_token"):
+        return
+    try:
+        aws().sfn.send_task_success(taskToken=attributes["task_token"], output=json.dumps({"resumed": True}))
+    except ClientError as err:  # the round timed out or the execution ended: nobody waits any more
+        code = err.response.get("Error", {}).get("Code")
+        if code not in ("TaskTimedOut", "TaskDoesNotExist", "InvalidToken"):
+            raise
+        logger.info("pack round no longer waiting", extra={"code": err.response["Error"]["Code"]})
+    logger.info("pack round complete: workflow resumed", extra={"pack_id": pack_id})
+
+
 def _meter(row: dict, generation_id: str, values: dict) -> None:
     """Adds the generation's seconds on the GPU (its result.json timings.total_ms, what the
     container measured) and its images to the user's usage, once per generation."""
@@ -170,9 +201,13 @@ def handle_notice(message: dict) -> str:
     if row.get("status") != gen.PENDING:
         logger.info("generation already final; duplicate notice ignored", extra={"status": row.get("status")})
         metrics.add_metric(name="NoticesDuplicate", unit=MetricUnit.Count, value=1)
+        if row.get("pack_id"):  # a retry after a release that failed: releasing again is a no-op otherwise
+            _release_pack(row)
         return "duplicate"
     if _erased(row["user_id"]):
         logger.info("user erased: notice dropped")
+        if row.get("pack_id"):  # the pack's round ends; its review sees the mark and drops the pack
+            _release_pack(row)
         metrics.add_metric(name="NoticesForErasedUsers", unit=MetricUnit.Count, value=1)
         return "erased"
 
@@ -208,6 +243,8 @@ def handle_notice(message: dict) -> str:
         return "duplicate"
     if outcome == gen.COMPLETED:
         _meter(row, generation_id, values)
+    if row.get("pack_id"):
+        _release_pack(row)
     logger.info("generation finished", extra={"status": outcome, "images": len(values.get("images", [])),
                                               "withheld": values.get("withheld", 0)})
     if values.get("withheld"):

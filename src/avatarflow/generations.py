@@ -142,3 +142,73 @@ def async_notice(
     else:
         notice["responseParameters"]["outputLocation"] = output_location
     return notice
+
+
+class NotQueued(Exception):
+    """The endpoint refused InvokeEndpointAsync; the generation row was left FAILED."""
+
+
+def queue_generation(
+    *, s3, runtime, table, bucket: str, endpoint_name: str, document: dict, ttl_days: int,
+    extra: dict | None = None,
+) -> dict:
+    """Write requests/<id>.json, put the PENDING row (before the call: a fast endpoint may notify
+    before InvokeEndpointAsync returns), invoke the async endpoint and keep where SageMaker will
+    write on the row (so an erasure finds the objects without a notice). `document` holds
+    REQUEST_FIELDS; `extra` goes on the row (e.g. pack_id, style). Returns the row's locations;
+    raises NotQueued (row FAILED) when the endpoint refuses."""
+    from datetime import timedelta
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from avatarflow import keys
+
+    generation_id = document["generation_id"]
+    request_key = keys.request_key(generation_id)
+    s3.put_object(Bucket=bucket, Key=request_key, Body=json.dumps(document).encode(),
+                  ContentType="application/json")
+    now = utc_now()
+    table.put_item(
+        Item=to_dynamo(
+            {
+                "generation_id": generation_id,
+                "user_id": document["user_id"],
+                "model_version": document["model_version"],
+                "status": PENDING,
+                "request_key": request_key,
+                "params": {k: document[k] for k in REQUEST_FIELDS[3:]},
+                "created_at": now,
+                "updated_at": now,
+                "ttl": int((datetime.now(UTC) + timedelta(days=ttl_days)).timestamp()),
+                **(extra or {}),
+            }
+        ),
+        ConditionExpression="attribute_not_exists(generation_id)",
+    )
+    try:
+        answer = runtime.invoke_endpoint_async(
+            EndpointName=endpoint_name,
+            InputLocation=f"s3://{bucket}/{request_key}",
+            InferenceId=generation_id,
+            ContentType="application/json",
+        )
+    except (ClientError, BotoCoreError) as err:
+        table.update_item(
+            Key={"generation_id": generation_id},
+            UpdateExpression="SET #s = :failed, #e = :e, updated_at = :now",
+            ExpressionAttributeNames={"#s": "status", "#e": "error"},
+            ExpressionAttributeValues={":failed": FAILED, ":e": "could not queue the request", ":now": now},
+        )
+        raise NotQueued(generation_id) from err
+    locations = {
+        k: answer.get(v)
+        for k, v in (("output_location", "OutputLocation"), ("failure_location", "FailureLocation"))
+        if answer.get(v)
+    }
+    if locations:
+        table.update_item(
+            Key={"generation_id": generation_id},
+            UpdateExpression="SET " + ", ".join(f"{k} = if_not_exists({k}, :{k})" for k in locations),
+            ExpressionAttributeValues={f":{k}": v for k, v in locations.items()},
+        )
+    return locations

@@ -12,6 +12,9 @@ TRAINING = "training/"
 MODELS = "models/"
 REQUESTS = "requests/"
 GENERATIONS = "generations/"
+PACKS = "packs/"
+# The operator's own pack styles (avatarflow.styles): not user data, read by the pack function.
+STYLES_OBJECT = "config/styles.json"
 
 REQUEST_FILE = "request.json"
 MANIFEST_FILE = "manifest.json"
@@ -20,7 +23,7 @@ ADAPTER_CONFIG = "adapter.json"
 RESULT_FILE = "result.json"
 
 # Prefixes that hold one user's data, for deletion and isolation checks.
-USER_PREFIXES = (UPLOADS, DATASETS, MODELS, GENERATIONS)
+USER_PREFIXES = (UPLOADS, DATASETS, MODELS, GENERATIONS, PACKS)
 
 # Where the async endpoint writes its responses (S3OutputPath / S3FailurePath). SageMaker
 # names these objects itself (<uuid>.out), so they are found through the generation row.
@@ -38,6 +41,7 @@ RETENTION_DAYS: dict[str, int | None] = {
     MODELS: None,
     REQUESTS: 7,  # a generation's input: read once by the endpoint
     GENERATIONS: 30,  # images: the generation row (and its GET) lives 30 days (GENERATION_TTL_DAYS)
+    PACKS: 30,  # pack manifest and contact sheet: as long as the pack's images (generations/)
     ASYNC_OUTPUT: 7,  # the endpoint's response: read once by on_generation_done
     ASYNC_FAILURES: 7,  # error bodies: read by nobody but an operator debugging
 }
@@ -111,6 +115,18 @@ def generation_prefix(user_id: str, generation_id: str) -> str:
 
 def result_key(user_id: str, generation_id: str) -> str:
     return f"{generation_prefix(user_id, generation_id)}{RESULT_FILE}"
+
+
+def pack_prefix(user_id: str, pack_id: str) -> str:
+    return f"{PACKS}{validate_id(user_id, 'user_id')}/{validate_id(pack_id, 'pack_id')}/"
+
+
+def pack_manifest_key(user_id: str, pack_id: str) -> str:
+    return f"{pack_prefix(user_id, pack_id)}{MANIFEST_FILE}"
+
+
+def contact_sheet_key(user_id: str, pack_id: str) -> str:
+    return f"{pack_prefix(user_id, pack_id)}contact_sheet.png"
 
 
 def user_prefix(prefix: str, user_id: str) -> str:

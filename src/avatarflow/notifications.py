@@ -20,6 +20,7 @@ from avatarflow.workflow import (
     MODEL_FAILED,
     MODEL_READY,
     MODEL_REJECTED,
+    PACK_READY,
 )
 
 _MAX_LISTED = 30
@@ -300,3 +301,37 @@ def failed(user_id: str, batch_id: str, error: dict | None) -> dict:
     ]
     subject = _subject(f"Your avatar model failed: batch {batch_id}")
     return {"event": MODEL_FAILED, "subject": subject, "message": "\n".join(lines)}
+
+
+def _until(ttl_seconds: int) -> str:
+    hours = ttl_seconds / 3600
+    return f"{hours:g} hour{'s' if hours != 1 else ''}"
+
+
+def pack_ready(user_id: str, pack_id: str, outcomes: list[dict], titles: dict[str, str],
+               contact_sheet_url: str, links: dict[str, list[str]], link_ttl_seconds: int) -> dict:
+    """PACK_READY: which styles arrived (with links to the kept images, best likeness first)
+    and which failed, a link to the contact sheet, and the route that gives fresh links once
+    these expire (they are signed with the function's temporary credentials)."""
+    done = [o for o in outcomes if o["status"] == "COMPLETED"]
+    failed_styles = [o for o in outcomes if o["status"] != "COMPLETED"]
+    if done:
+        first = f"Your avatar pack is ready: {len(done)} of {len(outcomes)} styles."
+    else:
+        first = "Your avatar pack could not be made: no style produced an image."
+    lines = [first, "", f"Pack id: {pack_id}."]
+    if done:
+        lines += ["", "All of it on one page (the contact sheet):", f"  {contact_sheet_url}", "",
+                  "Each style's images, the most like you first:"]
+        for outcome in done:
+            lines.append(f"  {titles.get(outcome['name'], outcome['name'])}:")
+            lines += [f"    {url}" for url in links.get(outcome["name"], [])]
+    if failed_styles:
+        names = ", ".join(f"{titles.get(o['name'], o['name'])} ({o['name']})" for o in failed_styles)
+        lines += ["", f"These styles failed and are not in the pack: {names}.",
+                  f"You can ask for them again (POST /users/{user_id}/packs with their names)."]
+    lines += ["", f"These links work for {_until(link_ttl_seconds)}. For new links at any time, look at the"
+              f" pack (GET /users/{user_id}/packs/{pack_id})."]
+    subject = _subject(f"Your avatar pack is ready: {len(done)} of {len(outcomes)} styles" if done
+                       else "Your avatar pack could not be made")
+    return {"event": PACK_READY, "subject": subject, "message": "\n".join(lines)}

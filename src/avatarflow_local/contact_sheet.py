@@ -1,5 +1,6 @@
 """The demo's contact sheet: uploaded photos (with rejection reasons) -> face crops ->
-generated avatars (with their identity scores), one row each, drawn with Pillow."""
+generated avatars (with their identity scores) -> the avatar pack the workflow made after
+MODEL_READY (one kept image per style, with its style), one row each, drawn with Pillow."""
 
 from __future__ import annotations
 
@@ -46,12 +47,17 @@ def contact_sheet(
     avatars: list[tuple[Path, float | None, int | None]],
     title: str,
     note: str = "",
+    pack: list[tuple[Path, str, float | None]] | None = None,
 ) -> Image.Image:
-    """photos: (path, rejection reason or None); avatars: (path, identity score or None, seed)."""
+    """photos: (path, rejection reason or None); avatars: (path, identity score or None, seed);
+    pack: (path, style name, identity score or None), the pack's kept images."""
+    pack = pack or []
     per_row = max(len(photos), len(crops), 1)
     width = ROW_TITLE_W + PAD + per_row * (THUMB + PAD)
-    width = max(width, ROW_TITLE_W + PAD + len(avatars) * (AVATAR + PAD), 900)
+    width = max(width, ROW_TITLE_W + PAD + max(len(avatars), len(pack)) * (AVATAR + PAD), 900)
     height = 50 + (THUMB + LABEL_H + PAD) * 2 + AVATAR + LABEL_H + PAD + 40
+    if pack:
+        height += AVATAR + LABEL_H + PAD
     sheet = Image.new("RGB", (width, height), BG)
     draw = ImageDraw.Draw(sheet)
     big, small = _font(20), _font(12)
@@ -84,6 +90,15 @@ def contact_sheet(
         draw.text((x, y + AVATAR + 4), text, fill=INK if score is not None else MUTED, font=small)
         if seed is not None:
             draw.text((x, y + AVATAR + 16), f"seed {seed}", fill=MUTED, font=small)
+    if pack:
+        y += AVATAR + LABEL_H + PAD
+        draw.text((PAD, y + AVATAR // 2 - 8), "pack", fill=INK, font=_font(16))
+        for i, (path, style, score) in enumerate(pack):
+            x = ROW_TITLE_W + PAD + i * (AVATAR + PAD)
+            sheet.paste(_thumb(path, AVATAR), (x, y))
+            draw.text((x, y + AVATAR + 4), _fit_text(draw, style, small, AVATAR), fill=INK, font=small)
+            text = f"identity {score:.2f}" if score is not None else "identity n/a"
+            draw.text((x, y + AVATAR + 16), text, fill=MUTED, font=small)
     if note:
         draw.text((PAD, height - 26), note, fill=MUTED, font=small)
     return sheet

@@ -28,7 +28,7 @@ DEFAULT_NOTE = (
     "plus 2 photos that must be rejected: a coffee cup (no face) and another person (scikit-image's "
     "astronaut). MinImages is the template's {min_images}. Use PHOTOS=<folder> for your own photos."
 )
-OUTPUT_DIRS = ("photos", "crops", "rejected", "adapter", "avatars", "mail")
+OUTPUT_DIRS = ("photos", "crops", "rejected", "adapter", "avatars", "pack", "mail")
 
 
 def default_photos(n: int = 10) -> list[tuple[str, bytes]]:
@@ -86,7 +86,10 @@ def stage_split(history: list[dict]) -> dict[str, float]:
             entered.get("PrepareImages"), exited.get("BuildDataset")
         ),
         "training job (stand-in: train subprocess)": span(entered.get("Train"), exited.get("Train")),
-        "register model + notify": span(entered.get("RegisterModel"), end),
+        "register model + notify": span(entered.get("RegisterModel"), exited.get("NotifyReady")),
+        "avatar pack (plan, generate on the endpoint, review, PACK_READY)": span(
+            entered.get("PackOfRun"), end if "PackOfRun" in entered else None
+        ),
     }
     return {k: v for k, v in split.items() if v is not None}
 
@@ -123,6 +126,31 @@ def _save_prefix(s3, bucket: str, prefix: str, target: Path) -> list[Path]:
             s3.download_file(bucket, obj["Key"], str(path))
             saved.append(path)
     return sorted(saved)
+
+
+def _save_pack(api: str, user: str, token: str, target: Path) -> tuple[list, dict | None]:
+    """The user's newest pack over HTTP (GET .../packs, then the pack): its kept images and its
+    contact sheet downloaded through their presigned URLs into `target`."""
+    status, listed = _http("GET", f"{api}/users/{user}/packs", token)
+    if status != 200 or not listed.get("packs"):
+        return [], None
+    pack_id = listed["packs"][0]["pack_id"]
+    status, pack = _http("GET", f"{api}/users/{user}/packs/{pack_id}", token)
+    if status != 200:
+        return [], None
+    target.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for style in pack["styles"]:
+        for i, image in enumerate(style["images"]):
+            path = target / f"{style['name']}-{i}.png"
+            with urllib.request.urlopen(image["url"], timeout=30) as response:  # noqa: S310 - presigned local URL
+                path.write_bytes(response.read())
+            saved.append((path, style["name"], image.get("identity_similarity")))
+    if pack.get("contact_sheet_url"):
+        with urllib.request.urlopen(pack["contact_sheet_url"], timeout=30) as response:  # noqa: S310
+            (target / "contact_sheet.png").write_bytes(response.read())
+    (target / "pack.json").write_text(json.dumps(pack, indent=1))
+    return saved, pack
 
 
 def run_demo(
@@ -191,7 +219,7 @@ def run_demo(
             desc = runtime.wait_for_execution(user, batch, timeout=timeout)
         finally:
             bar.close()
-        timings["workflow: upload -> MODEL_READY (state machine)"] = time.monotonic() - t
+        timings["workflow: upload -> MODEL_READY -> PACK_READY (state machine)"] = time.monotonic() - t
         history = runtime.history(desc["executionArn"])
         (out / "execution_history.json").write_text(json.dumps(history, indent=1, default=str))
         split = stage_split(history)
@@ -272,9 +300,17 @@ def run_demo(
             avatars.append((path, image.get("identity_similarity"), image.get("seed")))
         (avatars_dir / "generation.json").write_text(json.dumps(generation, indent=1))
 
+        # The avatar pack: the same execution made it after MODEL_READY (PACK_READY email).
+        t = time.monotonic()
+        pack_images, pack_view = _save_pack(api, user, token, out / "pack")
+        timings["fetch the avatar pack (made in the workflow above)"] = time.monotonic() - t
+        if pack_view is None or pack_view.get("status") not in ("COMPLETED", "PARTIAL"):
+            say(f"no avatar pack: {pack_view}")
+            return 1
+
         t = time.monotonic()
         deadline = time.monotonic() + 10
-        while not list(runtime.mail_dir.glob("*MODEL_READY*.eml")) and time.monotonic() < deadline:
+        while len(list(runtime.mail_dir.glob("*_READY*.eml"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
         mails = sorted(runtime.mail_dir.glob("*.eml"))
         from avatarflow_local.contact_sheet import contact_sheet
@@ -288,7 +324,8 @@ def run_demo(
             avatars=avatars,
             title=(
                 f"avatarflow local demo: {len(files)} photos -> {len(crops)} crops"
-                f" -> {len(avatars)} avatars"
+                f" -> {len(avatars)} avatars; avatar pack: {pack_view['styles_done']} of"
+                f" {pack_view['styles_total']} styles"
             ),
             note=(
                 "tiny random base model: avatars are noise by design and have no face to score; "
@@ -296,6 +333,7 @@ def run_demo(
             )
             if runtime.settings.tiny
             else f"base model {runtime.base_model_path.name}, {steps} training steps",
+            pack=pack_images,
         )
         sheet.save(out / "contact_sheet.png")
         timings["write outputs (crops, adapter, emails, contact sheet)"] = time.monotonic() - t
@@ -318,6 +356,8 @@ def run_demo(
             + ", ".join("n/a" if s is None else f"{s:.2f}" for _, s, _ in avatars)
             + ")"
         )
+        say(f"  pack/ ({pack_view['styles_done']} of {pack_view['styles_total']} styles: "
+            + ", ".join(s["name"] for s in pack_view["styles"]) + "; contact_sheet.png, pack.json)")
         say(f"  mail/ ({', '.join(p.name for p in mails) or 'none'})")
         say("  execution_history.json  manifest.json  contact_sheet.png")
         (out / "summary.json").write_text(
@@ -332,6 +372,8 @@ def run_demo(
                     "rejected": {p["name"]: p["reason"] for p in rejected},
                     "training_steps": steps,
                     "avatars": len(avatars),
+                    "pack": {"pack_id": pack_view["pack_id"], "status": pack_view["status"],
+                             "styles": [s["name"] for s in pack_view["styles"]]},
                     "emails": [p.name for p in mails],
                 },
                 indent=1,

@@ -293,6 +293,9 @@ def requests_for(service: str, operation: str, params: dict, region: str, accoun
             return [Request(f"states:{operation}", params["stateMachineArn"])]
         if operation in ("DescribeExecution", "StopExecution", "GetExecutionHistory"):
             return [Request(f"states:{operation}", params["executionArn"])]
+        if operation in ("SendTaskSuccess", "SendTaskFailure", "SendTaskHeartbeat"):
+            # No resource-level permissions: the task token is the authorization.
+            return [Request(f"states:{operation}", "*")]
         raise UnmappedCall(f"states:{operation}")
     if service == "sagemaker":
         if operation in ("CreateTrainingJob", "DescribeTrainingJob", "StopTrainingJob"):

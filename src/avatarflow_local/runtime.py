@@ -96,6 +96,13 @@ class Settings:
     erasure_sweep_interval_s: int = 1
     erasure_min_age_s: int = 0
     erasure_generation_wait_s: int = 120  # the template's 6 h 15 min is SageMaker's queue TTL
+    # The pack after MODEL_READY (template PackStyles/ImagesPerStyle/KeepPerStyle: 10 x 4, keep 2):
+    # locally 2 styles x 1 image; no regeneration round (the tiny model's random pixels show no
+    # face, so every style would be "below the likeness threshold"). pack_styles 0: no pack.
+    pack_styles: int = 2
+    pack_images_per_style: int = 1
+    pack_keep_per_style: int = 1
+    pack_regenerations: int = 0
     progress: bool = False  # tqdm bars (denoising steps) on stderr
     verbose: bool = False  # the functions' JSON logs and metrics on stdout
     users: tuple[str, ...] = ("me",)
@@ -248,6 +255,9 @@ class LocalRuntime:
             "MixedPrecision": "fp16" if gpu and not s.tiny else "no",
             "MaxRuntimeSeconds": str(s.max_training_seconds),
             "MaxWaitSeconds": str(2 * s.max_training_seconds),
+            "PackStyles": str(s.pack_styles),
+            "ImagesPerStyle": str(s.pack_images_per_style),
+            "KeepPerStyle": str(s.pack_keep_per_style),
         }
         if s.min_images is not None:
             overrides["MinImages"] = str(s.min_images)
@@ -285,12 +295,13 @@ class LocalRuntime:
         local = {"POWERTOOLS_LOG_LEVEL": "INFO" if s.verbose else "WARNING"}
         if s.tiny:
             local.update(MIN_IMAGE_SIZE=str(resolution), DEFAULT_IMAGE_SIZE=str(resolution))
-        erasure_pace = {"ERASURE_SWEEP_INTERVAL_SECONDS": str(s.erasure_sweep_interval_s),
+        paced = {"ERASURE_SWEEP_INTERVAL_SECONDS": str(s.erasure_sweep_interval_s),
                         "ERASURE_MIN_AGE_SECONDS": str(s.erasure_min_age_s),
-                        "ERASURE_GENERATION_WAIT_SECONDS": str(s.erasure_generation_wait_s)}
+                        "ERASURE_GENERATION_WAIT_SECONDS": str(s.erasure_generation_wait_s),
+                        "PACK_REGENERATIONS": str(s.pack_regenerations)}
         specs = {name: replace(spec, environment={
                      **spec.environment, **local,
-                     **{k: v for k, v in erasure_pace.items() if k in spec.environment}})
+                     **{k: v for k, v in paced.items() if k in spec.environment}})
                  for name, spec in r.function_specs.items()}
         self.hook = LambdaHook(specs, loader=load_fresh_handler).install()
         # From here on every AWS call of a function, the state machine, a training job or

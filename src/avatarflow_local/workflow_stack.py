@@ -117,6 +117,11 @@ def local_substitutions(bucket: str, table: str, topic_arn: str, **overrides: st
         "MixedPrecision": "no",
         "MinImages": "8",
         "SettleSeconds": "1",
+        # A small pack keeps local runs short (the template's 10 styles x 4 images are for the cloud).
+        "PacksTableName": "avatarflow-local-PacksTable",
+        "PackStyles": "2",
+        "ImagesPerStyle": "1",
+        "KeepPerStyle": "1",
     }
     subs = {}
     for key, source in definition_substitution_keys(template).items():
@@ -491,7 +496,8 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
     machine = template["Resources"][STATE_MACHINE]["Properties"]
     machine_name = res.resolve(machine["Name"])
     subs = local_substitutions(bucket, phys["ModelsTable"]["Ref"], phys["NotificationTopic"]["Ref"],
-                               **{"TrainingRoleArn": phys["TrainingRole"]["Arn"], **substitution_overrides})
+                               **{"TrainingRoleArn": phys["TrainingRole"]["Arn"],
+                                  "PacksTableName": phys["PacksTable"]["Ref"], **substitution_overrides})
     machine_arn = boto3.client("stepfunctions", region_name=REGION).create_state_machine(
         name=machine_name, definition=render_definition(subs),
         roleArn=f"arn:aws:iam::{ACCOUNT}:role/{stack_name}-{STATE_MACHINE}",

@@ -176,7 +176,7 @@ def test_a_user_signs_in_uploads_trains_generates_downloads_and_deletes(runtime,
         accessible(page, "5-generated")
         shutil.copy(shots / "5-generated.png", shots / "web-app.png")
         with page.expect_download() as downloading:
-            page.get_by_role("button", name="Download image 1").click()
+            page.get_by_role("button", name="Download Generated image 1").click()
         saved = tmp_path / "download.png"
         downloading.value.save_as(saved)
         assert saved.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -60,7 +60,7 @@ function gallery(images: ImageView[], label: string, note: HTMLElement): HTMLEle
             image.identity_similarity !== undefined ? `Likeness to you: ${percent(image.identity_similarity)}` : "",
           ),
         ),
-        h("button", { type: "button", class: "secondary", onclick: () => void download(image.url, name, note) }, `Download image ${i + 1}`),
+        h("button", { type: "button", class: "secondary", onclick: () => void download(image.url, name, note) }, `Download ${label} image ${i + 1}`),
       );
     }),
   );

@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TOOLS_VENV ?= .venv-tools
 CHECKOV_VENV ?= .venv-checkov
+OPS_VENV ?= .venv-ops
 PY := $(VENV)/bin/python
 TOOLS := $(TOOLS_VENV)/bin
 ASL_TOOL := tools/asl
@@ -17,7 +18,7 @@ export HF_HUB_OFFLINE ?= 1
 export SAM_CLI_TELEMETRY ?= 0
 export AWS_DEFAULT_REGION ?= us-east-1
 
-.PHONY: install tools web web-package browser lock test test-fast lint validate bench-intake bench-train bench-infer bench-gpu bench fuzz soak demo up clean
+.PHONY: install tools web web-package browser lock test test-fast lint validate bench-intake bench-train bench-infer bench-gpu bench-queue bench fuzz soak demo up clean
 
 # The CPU build of torch (lock/dev.txt pins 2.13.0+cpu) is not on PyPI. Where pip has no
 # find-links folder configured that holds it, take it from PyTorch's CPU index.
@@ -39,7 +40,7 @@ $(VENV)/.installed: lock/dev.txt
 	touch $@
 
 # Linters that pin their own versions of shared libraries live apart from the runtime deps.
-tools: $(TOOLS_VENV)/.installed $(CHECKOV_VENV)/.installed $(ASL_TOOL)/node_modules/.installed
+tools: $(TOOLS_VENV)/.installed $(CHECKOV_VENV)/.installed $(OPS_VENV)/.installed $(ASL_TOOL)/node_modules/.installed
 
 $(TOOLS_VENV)/.installed: lock/tools.txt
 	test -x $(TOOLS)/python || $(PYTHON) -m venv $(TOOLS_VENV)
@@ -52,6 +53,14 @@ $(CHECKOV_VENV)/.installed: lock/checkov.txt
 	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
 	$(CHECKOV_VENV)/bin/python $(PIP_FROM_LOCK) -r lock/checkov.txt
 	$(PYTHON) scripts/lock.py --check-installed checkov --python $(CHECKOV_VENV)/bin/python
+	touch $@
+
+# The operator CLI (python -m avatarflow_ops): sagemaker-core pins importlib-metadata<7 and
+# rich<15, older than the dev venv's, so it gets a venv of its own; tests/test_ops_cli.py runs it.
+$(OPS_VENV)/.installed: lock/ops.txt
+	test -x $(OPS_VENV)/bin/python || $(PYTHON) -m venv $(OPS_VENV)
+	$(OPS_VENV)/bin/python $(PIP_FROM_LOCK) -r lock/ops.txt
+	$(PYTHON) scripts/lock.py --check-installed ops --python $(OPS_VENV)/bin/python
 	touch $@
 
 # AWS's Amazon States Language service (npm amazon-states-language-service, what the AWS
@@ -124,6 +133,12 @@ bench-intake: install
 
 bench-train: install
 	$(PY) bench/bench_train.py
+
+# The training queue at scale (bench/bench_queue.py, docs/benchmarks.md#training-queue): 200
+# batches from 50 users against a limit of 4 through the real state machine with stand-in jobs,
+# then the on-paper projection for 10,000 batches a day. BENCH_QUEUE_ARGS: see --help.
+bench-queue: install
+	$(PY) bench/bench_queue.py $(BENCH_QUEUE_ARGS)
 
 bench-infer: install
 	$(PY) bench/bench_infer.py

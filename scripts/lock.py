@@ -69,6 +69,8 @@ TARGETS = (
            constrained=False, consumers=("Makefile",)),
     Target("checkov", DEV_PYTHON, "x86_64-manylinux_2_28", requirements_in="checkov.in",
            constrained=False, consumers=("Makefile",)),
+    Target("ops", DEV_PYTHON, "x86_64-manylinux_2_28", requirements_in="ops.in",
+           constrained=False, consumers=("Makefile",)),
     # Lambda python3.12 on arm64 (Amazon Linux 2023, glibc 2.34).
     Target("layer", "3.12", "aarch64-manylinux_2_28", consumers=("src/Makefile",)),
     Target("faces-image", "3.12", "aarch64-manylinux_2_28", extras=("faces",),

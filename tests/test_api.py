@@ -508,6 +508,8 @@ def test_openapi_document_is_up_to_date(api):
         "/users/{user_id}/generations/{generation_id}",
         "/users/{user_id}",
         "/users/{user_id}/deletion",
+        "/users/{user_id}/batches",
+        "/users/{user_id}/batches/{batch_id}",
         "/users/{user_id}/packs",
         "/users/{user_id}/packs/{pack_id}",
         "/users/{user_id}/usage",

@@ -16,7 +16,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from avatarflow import erasure, keys, usage
+from avatarflow import batches, erasure, keys, usage
 from avatarflow import generations as gen
 from avatarflow_local import iam
 from avatarflow_local.functions import load_fresh_handler
@@ -248,6 +248,10 @@ def test_the_sweep_removes_every_object_row_and_subscription_of_the_user_and_onl
     put_model(world, "alice", "v1", "READY", training_job="avatar-job-alice")
     put_model(world, "alice", "v2", "FAILED")
     put_model(world, "bob", "v1", "READY", training_job="avatar-job-bob")
+    statuses = boto3.resource("dynamodb").Table(world.r.physical["BatchesTable"]["Ref"])
+    for user in ("alice", "bob"):  # batch status rows hold photo file names
+        photos = [{"name": "me.jpg", "verdict": "accepted"}]
+        batches.set_stage(statuses, user, "b1", batches.QUEUED, photos=photos)
     pack_rows = boto3.resource("dynamodb").Table(world.r.physical["PacksTable"]["Ref"])
     for user in ("alice", "bob"):  # avatar packs (their objects are under packs/ and generations/)
         pack_rows.put_item(Item={"user_id": user, "pack_id": "p1", "status": "COMPLETED",
@@ -277,6 +281,7 @@ def test_the_sweep_removes_every_object_row_and_subscription_of_the_user_and_onl
     assert versions(world, keys.request_key("genb")) == [keys.request_key("genb")]
     assert rows_mentioning(world, "alice") == []
     assert {(m["user_id"], m["version"]) for m in world.models.scan()["Items"]} == {("bob", "v1")}
+    assert [(b["user_id"], b["batch_id"]) for b in statuses.scan()["Items"]] == [("bob", "b1")]
     assert {r["user_id"] for r in boto3.resource("dynamodb").Table(usage_table).scan()["Items"]} == {"bob"}
     assert subscribed(world) == ["bob@example.com", "ops@example.com"]
     # The API's message (this test ran its pass directly) and the next pass, delayed.

@@ -11,6 +11,7 @@ import pytest
 import unit_stack
 from apitools import answer_invoke_endpoint_async, body_of, http_event, put_model
 from moto.dynamodb import models as moto_ddb
+from moto.dynamodb import responses as moto_responses
 
 from avatarflow import usage
 from avatarflow_local import atomic_items
@@ -192,6 +193,9 @@ def test_moto_alone_lets_both_through(stack, slow_conditions, monkeypatch):
     for name in atomic_items.WRITES:
         method = getattr(moto_ddb.DynamoDBBackend, name)
         monkeypatch.setattr(moto_ddb.DynamoDBBackend, name, getattr(method, "__wrapped__", method))
+    # moto_strict (issue 18) serialises whole DynamoDB requests too: without both, moto is racy.
+    handler = moto_responses.DynamoHandler.call_action
+    monkeypatch.setattr(moto_responses.DynamoHandler, "call_action", getattr(handler, "__wrapped__", handler))
     table = usage_table(stack)
 
     def take(_i):

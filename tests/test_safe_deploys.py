@@ -108,5 +108,5 @@ def test_api_function_deploys_gradually_and_rolls_back_on_its_alarms():
                definition_substitution_keys().values() if isinstance(v, dict) and "Ref" in v
                and v["Ref"].endswith(".Alias")}
     assert invoked == {"PreprocessImageFunction", "BuildDatasetFunction", "RegisterModelFunction",
-                       "NotifyFunction"}
+                       "NotifyFunction", "PackFunction", "TrainingQueueFunction"}
     assert resources[STATE_MACHINE]["Type"] == "AWS::Serverless::StateMachine"

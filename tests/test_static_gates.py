@@ -25,7 +25,8 @@ pytestmark = pytest.mark.e2e  # runs the external linters
 TOOLS_BIN = REPO / ".venv-tools" / "bin"
 CHECKOV = REPO / ".venv-checkov" / "bin" / "checkov"
 STATE_MACHINES = sorted((REPO / "statemachines").glob("*.asl.json"))
-IGNORED_DIRS = {".git", ".venv", ".venv-tools", ".venv-checkov", ".aws-sam", "node_modules", ".cache", "out"}
+IGNORED_DIRS = {".git", ".venv", ".venv-tools", ".venv-checkov", ".venv-ops", ".aws-sam", "node_modules",
+                ".cache", "out"}
 
 
 def tool(path: Path, venv: str) -> Path:

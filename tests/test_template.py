@@ -112,9 +112,13 @@ def test_retries_and_catches_are_well_formed():
             catches = state.get("Catch", [])
             if any("States.ALL" in c["ErrorEquals"] for c in catches):
                 assert "States.ALL" in catches[-1]["ErrorEquals"], f"{name}: States.ALL must be last"
-    # Every task that can fail after training starts routes to the failure path.
-    for name in ("ListUploads", "PrepareImages", "BuildDataset", "MarkTraining", "Train", "RegisterModel"):
+    # Every task that can fail after training starts routes to the failure path; from the
+    # queue on, through the slot's release first (which itself goes on to RecordFailure).
+    for name in ("ListUploads", "PrepareImages", "BuildDataset", "RegisterModel", "ReleaseAfterFailure"):
         assert definition["States"][name]["Catch"][-1]["Next"] == "RecordFailure"
+    assert definition["States"]["ReleaseAfterFailure"]["Next"] == "RecordFailure"
+    for name in ("AcquireSlot", "MarkTraining", "Train"):
+        assert definition["States"][name]["Catch"][-1]["Next"] == "ReleaseAfterFailure"
 
 
 def test_every_substitution_is_provided_by_the_template_and_none_is_unused():

@@ -42,9 +42,10 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from avatarflow import __version__, erasure, keys, moderation, packs, styles, usage
+from avatarflow import __version__, batches, erasure, keys, moderation, packs, styles, usage
 from avatarflow import generations as gen
 from avatarflow.ids import ID_PATTERN, InvalidIdError, new_id, validate_id
+from avatarflow.training_queue import TrainingQueue
 from avatarflow.workflow import MAX_BATCH_PHOTOS, execution_name
 
 logger = Logger(service="api")
@@ -255,7 +256,7 @@ def _check_caller() -> None:
         return  # no route matched (404) or a CORS preflight: nothing of a user's to guard
     caller = _caller()
     errors = []
-    for name in ("user_id", "generation_id", "pack_id"):
+    for name in ("user_id", "generation_id", "batch_id", "pack_id"):
         if name in route_args:
             try:
                 validate_id(route_args[name], name)
@@ -267,10 +268,8 @@ def _check_caller() -> None:
         raise ForbiddenError(f"this route needs the {ADMIN_SCOPE} scope")
     if not caller.admin and caller.subject != route_args.get("user_id"):
         raise ForbiddenError("this token may not act for that user")
-    logger.append_keys(
-        admin=caller.admin,
-        **{k: route_args[k] for k in ("user_id", "generation_id", "pack_id") if k in route_args},
-    )
+    ids = {k: route_args[k] for k in ("user_id", "generation_id", "batch_id", "pack_id") if k in route_args}
+    logger.append_keys(admin=caller.admin, **ids)
 
 
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -552,6 +551,45 @@ def list_models(user_id: str):
         model["identity_score"] = metrics.get("identity_score") if metrics.get("faces_found") else None
     latest = next((m["version"] for m in models if m["status"] == "READY"), None)
     return {"user_id": user_id, "latest_ready": latest, "models": models}
+
+
+def _batches_table():
+    return aws().dynamodb.Table(_env("BATCHES_TABLE"))
+
+
+@app.get("/users/<user_id>/batches", summary="The user's training batches, newest first, with their stage")
+@tracer.capture_method
+def list_batches(user_id: str):
+    rows = _query_all(_batches_table(), KeyConditionExpression=Key("user_id").eq(user_id))
+    models = {m.get("version"): m for m in _user_models(user_id)}
+    listed = []
+    for row in rows:
+        view = batches.view(row["batch_id"], row, models.get(row["batch_id"]), None, None)
+        listed.append({"batch_id": row["batch_id"], "stage": view["stage"],
+                       "created_at": row.get("created_at"), "updated_at": view["updated_at"]})
+    listed.sort(key=lambda b: b["created_at"] or "", reverse=True)
+    return {"user_id": user_id, "batches": listed}
+
+
+@app.get(
+    "/users/<user_id>/batches/<batch_id>",
+    summary="Where a training batch stands: stage, place in the training queue, photo verdicts",
+    responses={200: {"description": "status"}, 404: {"description": "no such batch for this user"}},
+)
+@tracer.capture_method
+def get_batch(user_id: str, batch_id: str):
+    row = _batches_table().get_item(Key={"user_id": user_id, "batch_id": batch_id}).get("Item")
+    model = next(iter(_query_all(_models_table(), KeyConditionExpression=Key("user_id").eq(user_id)
+                                 & Key("version").eq(batch_id))), None)
+    place = None
+    if row and row.get("stage") == batches.QUEUED and row.get("execution_arn"):
+        queue = TrainingQueue(aws().dynamodb.Table(_env("QUEUE_TABLE")), _int_env("TRAINING_CONCURRENCY", 1),
+                              60 * _int_env("TRAINING_ESTIMATE_MINUTES", 20))
+        place = queue.place_of(row["execution_arn"])
+    view = batches.view(batch_id, row, model, place, _int_env("TRAINING_STEPS", 0) or None)
+    if view is None:
+        raise NotFoundError("batch not found")
+    return view
 
 
 @app.post(

@@ -21,7 +21,7 @@ from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import ClientError
 
-from avatarflow import faces, keys, usage, workflow
+from avatarflow import batches, faces, keys, usage, workflow
 from avatarflow.ids import validate_id
 
 logger = Logger()
@@ -249,6 +249,10 @@ def handler(event, context):
     metrics.add_metric(
         name="BatchesRejected" if not enough else "BatchesAccepted", unit=MetricUnit.Count, value=1
     )
+    photo_list = batches.photo_verdicts({"kept": [p["name"] for p in kept], "rejections": rejections})
+    photo_list += [{"name": name, "verdict": "rejected", "reason": "ignored"} for name in ignored]
+    batches.set_stage(boto3.resource("dynamodb").Table(os.environ["BATCHES_TABLE"]), user_id, batch_id,
+                      batches.QUEUED if enough else batches.REJECTED, photos=photo_list)
     return {
         "user_id": user_id,
         "batch_id": batch_id,

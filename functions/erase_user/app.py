@@ -63,6 +63,7 @@ def aws() -> SimpleNamespace:
         sfn=boto3.client("stepfunctions"),
         erasures=ddb.Table(os.environ["ERASURES_TABLE"]),
         models=ddb.Table(os.environ["MODELS_TABLE"]),
+        batches=ddb.Table(os.environ["BATCHES_TABLE"]),
         generations=ddb.Table(os.environ["GENERATIONS_TABLE"]),
         packs=ddb.Table(os.environ["PACKS_TABLE"]),
         usage=ddb.Table(os.environ["USAGE_TABLE"]),
@@ -210,6 +211,13 @@ def sweep_registry(user_id: str, bucket: str) -> tuple[int, int]:
     with table.batch_writer() as batch:
         for row in rows:
             batch.delete_item(Key={"user_id": user_id, "version": row["version"]})
+    # The batch status rows (stage, photo file names): written by the same runs, so removed
+    # once they are over, like the registry rows.
+    statuses = aws().batches
+    batch_rows = list(_pages(statuses.query, "Items", KeyConditionExpression=Key("user_id").eq(user_id)))
+    with statuses.batch_writer() as batch:
+        for row in batch_rows:
+            batch.delete_item(Key={"user_id": user_id, "batch_id": row["batch_id"]})
     return removed, len(rows)
 
 

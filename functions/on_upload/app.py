@@ -12,6 +12,7 @@ forms signed before the DELETE expire before the erasure can end)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,7 +24,8 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from botocore.exceptions import ClientError
 
-from avatarflow import erasure, keys
+from avatarflow import batches, erasure, keys
+from avatarflow.training_queue import now_iso
 from avatarflow.workflow import execution_input, execution_name
 
 logger = Logger()
@@ -133,6 +135,22 @@ def _subscribe_from_request(bucket: str, upload: keys.UploadKey) -> None:
     metrics.add_metric(name="EmailSubscriptions", unit=MetricUnit.Count, value=1)
 
 
+def _record_photo(upload: keys.UploadKey) -> None:
+    """The batch's status row (avatarflow.batches): settling, this photo pending until intake
+    gives its verdict. Only a batch that has not moved past settling is touched."""
+    table = boto3.resource("dynamodb").Table(os.environ["BATCHES_TABLE"])
+    now = now_iso()
+    with contextlib.suppress(table.meta.client.exceptions.ConditionalCheckFailedException):
+        table.update_item(
+            Key={"user_id": upload.user_id, "batch_id": upload.batch_id},
+            UpdateExpression="SET #stage = :settling, updated_at = :now,"
+                             " created_at = if_not_exists(created_at, :now) ADD pending_photos :name",
+            ConditionExpression="attribute_not_exists(#stage) OR #stage = :settling",
+            ExpressionAttributeNames={"#stage": "stage"},
+            ExpressionAttributeValues={":settling": batches.SETTLING, ":now": now, ":name": {upload.name}},
+        )
+
+
 def record_handler(record: SQSRecord) -> None:
     for bucket, upload in _uploads_of(record):
         logger.append_keys(user_id=upload.user_id, batch_id=upload.batch_id)
@@ -145,6 +163,8 @@ def record_handler(record: SQSRecord) -> None:
             continue
         if upload.is_request:
             _subscribe_from_request(bucket, upload)
+        else:
+            _record_photo(upload)
         _start(upload.user_id, upload.batch_id)
 
 

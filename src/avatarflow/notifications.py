@@ -18,6 +18,7 @@ from avatarflow.workflow import (
     DEFAULT_TOKEN,
     MAX_BATCH_PHOTOS,
     MODEL_FAILED,
+    MODEL_QUEUED,
     MODEL_READY,
     MODEL_REJECTED,
     PACK_READY,
@@ -301,6 +302,32 @@ def failed(user_id: str, batch_id: str, error: dict | None) -> dict:
     ]
     subject = _subject(f"Your avatar model failed: batch {batch_id}")
     return {"event": MODEL_FAILED, "subject": subject, "message": "\n".join(lines)}
+
+
+def _duration(seconds: int) -> str:
+    """A wait in words a person reads at a glance: minutes up to two hours, then hours."""
+    minutes = max(1, round(seconds / 60))
+    if minutes < 120:
+        return f"about {minutes} minute{'s' if minutes != 1 else ''}"
+    return f"about {round(minutes / 60)} hours"
+
+
+def queued(user_id: str, batch_id: str, position: int, estimated_wait_seconds: int) -> dict:
+    """MODEL_QUEUED: the photos passed and the batch waits for a training machine. Sent once,
+    when the batch joins the queue; its place changes as others finish, so the email points at
+    the status route for the current one."""
+    lines = [
+        f"Your photos for batch {batch_id} passed our checks. All our training machines are busy"
+        " right now, so your batch is waiting its turn.",
+        "",
+        f"Queued: place {position} in line, estimated wait {_duration(estimated_wait_seconds)}"
+        " before training starts (training itself then takes a while longer).",
+        "",
+        f"You do not need to do anything. To see where your batch stands, check"
+        f" GET /users/{user_id}/batches/{batch_id}. We will email you again when your model is ready.",
+    ]
+    subject = _subject(f"Your avatar batch is queued: batch {batch_id}")
+    return {"event": MODEL_QUEUED, "subject": subject, "message": "\n".join(lines)}
 
 
 def _until(ttl_seconds: int) -> str:

@@ -10,8 +10,10 @@ from avatarflow.ids import validate_id
 MODEL_READY = "MODEL_READY"
 MODEL_REJECTED = "MODEL_REJECTED"
 MODEL_FAILED = "MODEL_FAILED"
+# The batch passed intake but every training slot is taken: it waits (functions/training_queue).
+MODEL_QUEUED = "MODEL_QUEUED"
 PACK_READY = "PACK_READY"
-EVENTS = (MODEL_READY, MODEL_REJECTED, MODEL_FAILED, PACK_READY)
+EVENTS = (MODEL_READY, MODEL_REJECTED, MODEL_FAILED, MODEL_QUEUED, PACK_READY)
 
 # One batch is at most MAX_BATCH_PHOTOS photos plus request.json. The API's upload route
 # hands out forms for at most that many photos per batch; the state machine's listing reads

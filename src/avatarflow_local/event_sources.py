@@ -6,6 +6,8 @@
 * `SnsToLambda`: an SNS -> Lambda subscription. moto cannot invoke Lambda code without
   Docker, so a queue is subscribed to the topic and every envelope becomes the SNS event
   Lambda would receive.
+* `ExecutionStatusEvents`: Step Functions' execution status changes -> EventBridge rules of
+  the template (their patterns) -> the rule's function (moto emits no such events).
 * `MailCapture`: moto accepts email subscriptions but sends nothing. Each email subscription
   of a topic gets a mirror queue subscribed with the same filter policy; what lands there is
   written out as the email that address would get (.eml and .txt under out/mail/).
@@ -18,7 +20,9 @@ import logging
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from datetime import UTC
 from email.message import EmailMessage
 from email.utils import formatdate
 from pathlib import Path
@@ -309,3 +313,107 @@ class MailCapture(_Poller):
         self.written.append(eml)
         if self.on_mail is not None:
             self.on_mail(eml, {"to": address, "subject": subject, **attributes})
+
+
+# --------------------------------------------------------------------------- EventBridge
+STATUS_CHANGE = "Step Functions Execution Status Change"
+
+
+def matches(pattern: object, event: object) -> bool:
+    """EventBridge's event-pattern match for the forms the template uses: a field's list is
+    a set of allowed exact values (strings, numbers, booleans, null), a nested object
+    matches a nested object; every field named must be present. Any other form (prefix,
+    anything-but, numeric, exists...) is refused rather than guessed."""
+    if isinstance(pattern, dict):
+        if not isinstance(event, dict):
+            return False
+        return all(key in event and matches(value, event[key]) for key, value in pattern.items())
+    if isinstance(pattern, list):
+        if any(isinstance(v, dict | list) for v in pattern):
+            raise ValueError(f"event pattern form not modelled locally: {pattern}")
+        values = event if isinstance(event, list) else [event]
+        return any(v in pattern for v in values)
+    raise ValueError(f"an event pattern's leaves are lists of values, not {pattern!r}")
+
+
+def execution_status_event(execution: dict, description: dict) -> dict:
+    """The event Step Functions sends to EventBridge's default bus when a standard workflow
+    execution changes status (Developer Guide, "Automating Step Functions event delivery
+    with EventBridge": detail-type "Step Functions Execution Status Change")."""
+    arn = execution["executionArn"]
+    region, account = arn.split(":")[3], arn.split(":")[4]
+
+    def millis(value) -> int | None:
+        return int(value.timestamp() * 1000) if value else None
+
+    stop = description.get("stopDate")
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": STATUS_CHANGE,
+        "source": "aws.states",
+        "account": account,
+        "time": (stop or description["startDate"]).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "region": region,
+        "resources": [arn],
+        "detail": {
+            "executionArn": arn,
+            "stateMachineArn": description["stateMachineArn"],
+            "name": description["name"],
+            "status": description["status"],
+            "startDate": millis(description["startDate"]),
+            "stopDate": millis(stop),
+            "input": description.get("input"),
+            "output": description.get("output"),
+            "inputDetails": {"included": True},
+            "outputDetails": {"included": True} if description.get("output") is not None else None,
+            "error": description.get("error"),
+            "cause": description.get("cause"),
+        },
+    }
+
+
+class ExecutionStatusEvents(_Poller):
+    """Step Functions -> EventBridge -> Lambda, for the template's EventBridge rules on
+    "Step Functions Execution Status Change" (moto emits no events). Every execution of
+    every state machine is watched; each status it is seen in (RUNNING, then its end) is
+    one event, matched against each rule's pattern from template.yaml, and a matching
+    rule's function is invoked asynchronously as EventBridge does, retried on failure
+    (`attempts`, as the rule's RetryPolicy / Lambda's async retries would)."""
+
+    name = "eventbridge-sfn"
+
+    def __init__(self, sources: list[EventSource], invoke: Invoke, *, interval_s: float = 0.3,
+                 attempts: int = 3):
+        super().__init__()
+        self.rules = [s for s in sources if s.kind == "EventBridge"]
+        self.invoke = invoke
+        self.interval_s = interval_s
+        self.attempts = attempts
+        self.sfn = boto3.client("stepfunctions", region_name=REGION)
+        self._seen: dict[str, str] = {}
+        self.delivered: list[tuple[str, dict]] = []  # (function, event) for each delivery
+
+    def poll_once(self) -> None:
+        for machine in self.sfn.list_state_machines()["stateMachines"]:
+            pages = self.sfn.get_paginator("list_executions").paginate(
+                stateMachineArn=machine["stateMachineArn"])
+            for execution in (e for page in pages for e in page["executions"]):
+                arn, status = execution["executionArn"], execution["status"]
+                if self._seen.get(arn) == status:
+                    continue
+                self._seen[arn] = status
+                self._emit(execution_status_event(execution, self.sfn.describe_execution(executionArn=arn)))
+        self._stop.wait(self.interval_s)
+
+    def _emit(self, event: dict) -> None:
+        for rule in self.rules:
+            if not matches(rule.pattern, event):
+                continue
+            for attempt in range(self.attempts):
+                _, error = self.invoke(rule.function, event)
+                if error is None:
+                    self.delivered.append((rule.function, event))
+                    break
+                LOG.warning("%s: %s failed on %s (attempt %d)", self.name, rule.function,
+                            event["detail"]["status"], attempt + 1)

@@ -41,7 +41,7 @@ from avatarflow import webapp
 from avatarflow.workflow import execution_name
 from avatarflow_local import forkserver, iam, training_job
 from avatarflow_local.async_inference import AsyncEndpoint
-from avatarflow_local.event_sources import MailCapture, SnsToLambda, SqsEventSource
+from avatarflow_local.event_sources import ExecutionStatusEvents, MailCapture, SnsToLambda, SqsEventSource
 from avatarflow_local.functions import REPO_ROOT, load_fresh_handler
 from avatarflow_local.http_api import HttpApi
 from avatarflow_local.lambda_hook import LambdaHook
@@ -345,6 +345,8 @@ class LocalRuntime:
             elif source.kind == "SNS":
                 name = f"{s.stack_name}-{source.function}-{source.source_arn.rsplit(':', 1)[1]}"[:80]
                 self.pollers.append(SnsToLambda(source, self.hook.invoke, name).start())
+        if any(source.kind == "EventBridge" for source in r.event_sources):
+            self.pollers.append(ExecutionStatusEvents(r.event_sources, self.hook.invoke).start())
         self.mail = MailCapture(
             r.topic_arn,
             self.mail_dir,

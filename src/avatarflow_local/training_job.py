@@ -23,6 +23,15 @@ SIGKILLed right after step N's checkpoint (the training module's AVATARFLOW_KILL
 hook), then run again with the same checkpoints/ and fresh model/ and output/. Any other
 death fails the job, as on SageMaker (only reclaims are retried).
 
+Stand-in jobs (`STAND_IN`, set by tests and bench/bench_queue.py, never by the real path):
+instead of starting torch, the job sleeps a chosen duration (time-compressed), prints the
+trainer's `step=N loss=...` lines, and writes a tiny model/ (an empty LoRA state dict and an
+adapter.json) that register_model accepts; it can also fail, run past its stopping condition,
+or be refused at creation with the error names Step Functions reports
+(SageMaker.ResourceLimitExceededException, SageMaker.AmazonSageMakerException with
+ThrottlingException in its cause). Every job, stand-in or real, records its start and end
+(monotonic seconds) so a caller can check how many ran at once (`peak_running()`).
+
 The job's stdout is read line by line while it runs: every callable in LISTENERS gets
 (job name, line), which is how the local runtime draws a progress bar from the
 `step=N loss=...` metric lines.
@@ -43,6 +52,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse
@@ -67,6 +77,39 @@ _jobs_lock = threading.Lock()
 
 # Called with (job name, stdout line) for every line a running job prints.
 LISTENERS: list[Callable[[str, str], None]] = []
+
+
+@dataclass
+class StandIn:
+    """What a stand-in job does, decided per CreateTrainingJob request (tags carry the user
+    and batch): `duration_s` seconds of "training"; `outcome` None (completes), "fail", or
+    "ResourceLimitExceeded" / "ThrottlingException" (refused at creation, nothing runs)."""
+
+    duration_s: Callable[[dict], float]
+    outcome: Callable[[dict], str | None] = lambda request: None
+    steps: int = 4
+
+
+STAND_IN: StandIn | None = None
+_running = 0
+_peak = 0
+
+
+def peak_running(reset: bool = False) -> int:
+    """The most jobs that ran at once since the last reset."""
+    global _peak
+    with _jobs_lock:
+        peak = _peak
+        if reset:
+            _peak = _running
+        return peak
+
+
+# The names Step Functions reports for CreateTrainingJob's refusals (the SDK's exception
+# classes behind the "SageMaker." prefix); the lambda hook turns a raised exception's class
+# name into the task's error name, so these classes carry exactly those names.
+ResourceLimitExceeded = type("SageMaker.ResourceLimitExceededException", (Exception,), {})
+AmazonSageMakerException = type("SageMaker.AmazonSageMakerException", (Exception,), {})
 
 
 class TrainingJobFailed(Exception):
@@ -164,11 +207,62 @@ def run_training_job(request: dict, s3=None) -> dict:
         raise InvalidTrainingJobRequest(
             "managed spot training needs MaxWaitTimeInSeconds >= MaxRuntimeInSeconds")
     reclaim_after = os.environ.get(SPOT_RECLAIM_ENV, "") if spot else ""
+    stand_in = STAND_IN
+    refusal = stand_in.outcome(request) if stand_in else None
+    if refusal == "ResourceLimitExceeded":
+        raise ResourceLimitExceeded(
+            f"The account-level service limit '{(request.get('ResourceConfig') or {}).get('InstanceType')}"
+            " for"
+            " training job usage' is 0 Instances (Service: AmazonSageMaker; Status Code: 400;"
+            " Error Code: ResourceLimitExceeded)")
+    if refusal == "ThrottlingException":
+        raise AmazonSageMakerException(
+            "Rate exceeded (Service: AmazonSageMaker; Status Code: 400; Error Code: ThrottlingException)")
     started = datetime.now(UTC)
     record = {"name": name, "status": "InProgress", "hyperparameters": dict(hyperparameters), "inputs": {},
-              "managed_spot": spot, "spot_interruptions": 0}
+              "managed_spot": spot, "spot_interruptions": 0, "tags": {
+                  t["Key"]: t["Value"] for t in request.get("Tags") or []},
+              "started": time.monotonic(), "ended": None}
+    global _running, _peak
     with _jobs_lock:
         JOBS.append(record)
+        _running += 1
+        _peak = max(_peak, _running)
+    try:
+        return _run(request, record, s3, name, hyperparameters, output_bucket, output_prefix, max_runtime,
+                    spot, reclaim_after, started, stand_in)
+    finally:
+        with _jobs_lock:
+            _running -= 1
+            record["ended"] = time.monotonic()
+
+
+def _stand_in_job(name: str, stand_in: StandIn, request: dict, env: dict, max_runtime: float,
+                  root: Path) -> tuple[int | None, str]:
+    """The stand-in's "training": no torch, a sleep of the chosen duration with the trainer's
+    metric lines, then a tiny model/ that register_model accepts."""
+    duration = float(stand_in.duration_s(request))
+    steps = max(1, stand_in.steps)
+    for step in range(1, steps + 1):
+        time.sleep(min(duration, max_runtime) / steps)
+        for listener in list(LISTENERS):
+            with contextlib.suppress(Exception):
+                listener(name, f"step={step} loss=0.1 step_time={duration / steps:.3f}")
+    if duration > max_runtime:
+        return None, ""
+    if stand_in.outcome(request) == "fail":
+        (root / "output" / "failure").write_text("stand-in job failed as asked")
+        return 1, ""
+    (root / "model" / "pytorch_lora_weights.safetensors").write_bytes(
+        (8).to_bytes(8, "little") + b"{}      ")  # a valid, empty safetensors file
+    hyper = request.get("HyperParameters") or {}
+    (root / "model" / "adapter.json").write_text(json.dumps({
+        "token": hyper.get("token", "sks"), "base_model_id": "stand-in", "metrics": {"stand_in": True}}))
+    return 0, ""
+
+
+def _run(request, record, s3, name, hyperparameters, output_bucket, output_prefix, max_runtime, spot,
+         reclaim_after, started, stand_in):
 
     with tempfile.TemporaryDirectory(prefix=f"{name}-") as tmp:
         root = Path(tmp)
@@ -191,7 +285,10 @@ def run_training_job(request: dict, s3=None) -> dict:
 
         t0 = time.monotonic()
         first_env = dict(env, **{KILL_AFTER_STEP_ENV: reclaim_after}) if reclaim_after else env
-        code, tail = _run_entrypoint(name, first_env, max_runtime)
+        if stand_in is not None:
+            code, tail = _stand_in_job(name, stand_in, request, env, max_runtime, root)
+        else:
+            code, tail = _run_entrypoint(name, first_env, max_runtime)
         if reclaim_after and code == -signal.SIGKILL:
             # The reclaim we played: a new instance, the checkpoints restored, the rest fresh.
             record["spot_interruptions"] += 1

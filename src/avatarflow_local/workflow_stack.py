@@ -17,7 +17,7 @@ from pathlib import Path
 import boto3
 import yaml
 
-from avatarflow_local import atomic_items, iam, training_job
+from avatarflow_local import atomic_items, iam, moto_strict, training_job
 from avatarflow_local import moderation_stand_in as _moderation_stand_in  # noqa: F401 - its botocore hooks
 from avatarflow_local.functions import REPO_ROOT
 from avatarflow_local.lambda_hook import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, FunctionSpec, function_name_of
@@ -117,6 +117,7 @@ def local_substitutions(bucket: str, table: str, topic_arn: str, **overrides: st
         "MixedPrecision": "no",
         "MinImages": "8",
         "SettleSeconds": "1",
+        "QueuePollSeconds": "1",
         # A small pack keeps local runs short (the template's 10 styles x 4 images are for the cloud).
         "PacksTableName": "avatarflow-local-PacksTable",
         "PackStyles": "2",
@@ -262,12 +263,13 @@ class EventSource:
     """A function's `Events` entry of type SQS or SNS, resolved (queue URL / topic ARN)."""
 
     function: str  # functions/<folder>
-    kind: str  # "SQS" | "SNS"
+    kind: str  # "SQS" | "SNS" | "EventBridge"
     source_arn: str
     queue_url: str | None = None
     batch_size: int = 10
     batching_window_s: float = 0.0
     report_batch_item_failures: bool = False
+    pattern: dict | None = None  # EventBridge: the rule's event pattern, resolved
 
 
 @dataclass
@@ -423,6 +425,7 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
     res = TemplateResolver(template, stack_name, {**LOCAL_PARAMETERS, **(parameters or {})})
     phys = res.physical
     arn = f"{REGION}:{ACCOUNT}"
+    moto_strict.install()  # DynamoDB requests atomic, as on AWS (the queue's semaphore relies on it)
 
     ddb = boto3.client("dynamodb", region_name=REGION)
     for lid, spec in _resources_of(template, "AWS::DynamoDB::Table").items():
@@ -523,6 +526,10 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
                 sources.append(EventSource(folder, "SNS", res.resolve(props["Topic"])))
             elif event["Type"] == "HttpApi":
                 routes.append(http_route(props, api_auth))
+            elif event["Type"] in ("EventBridgeRule", "CloudWatchEvent"):
+                # The rule's bus is the account's default bus (no EventBusName locally).
+                sources.append(EventSource(folder, "EventBridge", "default",
+                                           pattern=res.resolve(props["Pattern"])))
     for spec in _resources_of(template, "AWS::Lambda::EventSourceMapping").values():
         props = res.resolve(spec["Properties"])
         url = next((p["Ref"] for p in phys.values() if p.get("Arn") == props["EventSourceArn"]), None)

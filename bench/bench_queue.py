@@ -1,0 +1,299 @@
+"""make bench-queue: the training queue at scale, simulated with the REAL state machine.
+
+200 batches from 50 users (4 each, arriving in a burst) against TrainingConcurrency 4, through
+avatarflow_local.queue_world: the stack from template.yaml in moto, every handler run as
+Lambda with its role, the real ASL executed by moto's interpreter, and stand-in training jobs
+(training_job.STAND_IN: no torch) of chosen durations. Time is compressed: QueuePollSeconds is
+1 s locally where the template's default is 60 s, so 1 local second stands for 1 minute: a
+job of 2-4 local seconds (the default) stands for a 2-4 minute job at the scale of the poll.
+
+Checks (the run fails otherwise): no execution fails, never more than `limit` jobs at once
+(the stand-in counts them), fair order (no batch of a higher rank -- a user's later batch --
+is granted a slot while a lower-rank batch that was already waiting still waits).
+Reports: queue-wait percentiles (first AcquireSlot -> slot granted, from each execution's
+history), state transitions per batch (the history's *StateEntered events: what Step
+Functions bills), and the on-paper projection for 10,000 batches a day (--paper) from the
+measured transitions, a discrete-event model of the same fair queue, and bench/data/prices.json.
+
+    python bench/bench_queue.py [--batches 200 --users 50 --limit 4 --json out/bench_queue.json]
+    python bench/bench_queue.py --paper-only --job-minutes 20 --limit 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "true")
+os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
+os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "ERROR")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+PRICES = REPO / "bench" / "data" / "prices.json"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+# --------------------------------------------------------------------------- the simulation
+def simulate(batches: int, users: int, limit: int, job_s: tuple[float, float], seed: int) -> dict:
+    import logging
+
+    logging.disable(logging.WARNING)
+    from avatarflow_local import training_job
+    from avatarflow_local.queue_world import queue_world
+
+    rng = random.Random(seed)
+    durations: dict[str, float] = {}
+
+    def duration(request: dict) -> float:
+        tags = {t["Key"]: t["Value"] for t in request["Tags"]}
+        return durations[f"{tags['avatarflow:user_id']}/{tags['avatarflow:batch_id']}"]
+
+    per_user = batches // users
+    plan = [(f"user{u:02d}", f"b{k}") for k in range(per_user) for u in range(users)]
+    rng.shuffle(plan)
+    # Each user's batches keep their own order (b0 before b1 ...): a user uploads one after another.
+    order: dict[str, list[str]] = {}
+    for user, _ in plan:
+        order.setdefault(user, [])
+    arrivals = []
+    for user, _ in plan:
+        batch = f"b{len(order[user])}"
+        order[user].append(batch)
+        arrivals.append((user, batch))
+    for user, batch in arrivals:
+        durations[f"{user}/{batch}"] = rng.uniform(*job_s)
+
+    before = len(training_job.JOBS)
+    t0 = time.monotonic()
+    with queue_world(limit, training_job.StandIn(duration_s=duration)) as world:
+        arns = {}
+        starter_errors = []
+
+        def start_all() -> None:
+            for user, batch in arrivals:  # a burst: all 200 within a few seconds
+                try:
+                    arns[world.start(user, batch)] = (user, batch)
+                except Exception as err:  # noqa: BLE001 - reported below
+                    starter_errors.append(repr(err))
+
+        starter = threading.Thread(target=start_all)
+        starter.start()
+        starter.join()
+        done = world.wait(list(arns), timeout=3600)
+        wall = time.monotonic() - t0
+        peak = training_job.peak_running()
+        jobs = training_job.JOBS[before:]
+        histories = {arn: world.sfn.get_execution_history(executionArn=arn, maxResults=1000)["events"]
+                     for arn in arns}
+        snapshot = world.queue().snapshot()
+
+    statuses = {}
+    failures: dict[str, int] = {}
+    for arn, desc in done.items():
+        statuses[desc["status"]] = statuses.get(desc["status"], 0) + 1
+        if desc["status"] != "SUCCEEDED":
+            failed = [e.get("taskFailedEventDetails") or e.get("lambdaFunctionFailedEventDetails") or {}
+                      for e in histories[arn] if e["type"] in ("TaskFailed", "LambdaFunctionFailed",
+                                                               "TaskTimedOut")]
+            first = failed[0] if failed else {}
+            key = f"{first.get('error')}: {str(first.get('cause'))[:160]}"
+            failures[key] = failures.get(key, 0) + 1
+    # Concurrency from the jobs' own start/end marks (a second count, beside the stand-in's).
+    marks = sorted([(j["started"], 1) for j in jobs] + [(j["ended"], -1) for j in jobs])
+    running = most = 0
+    for _, step in marks:
+        running += step
+        most = max(most, running)
+
+    records = []
+    for arn, events in histories.items():
+        entered = [e for e in events if e["type"].endswith("StateEntered")]
+        acquires = [e for e in entered if e["stateEnteredEventDetails"]["name"] == "AcquireSlot"]
+        granted = [e for e in entered if e["stateEnteredEventDetails"]["name"] == "MarkTraining"]
+        released = [e for e in entered if e["stateEnteredEventDetails"]["name"] == "ReleaseSlot"]
+        user, batch = arns[arn]
+        # The first AcquireSlot's answer (the Lambda payload, before the ResultSelector): the
+        # rank the batch joined the line with, and when its waiting entry surely existed.
+        answers = [e for e in events if e["type"] == "TaskSucceeded"
+                   and '"acquired"' in e["taskSucceededEventDetails"].get("output", "")]
+        first = json.loads(answers[0]["taskSucceededEventDetails"]["output"])["Payload"] if answers else {}
+        records.append({
+            "rank": first.get("rank"), "joined": answers[0]["timestamp"].timestamp() if answers else None,
+            "user": user, "batch": batch, "transitions": len(entered), "polls": len(acquires),
+            "enqueued": acquires[0]["timestamp"].timestamp() if acquires else None,
+            "granted": granted[0]["timestamp"].timestamp() if granted else None,
+            "released": released[0]["timestamp"].timestamp() if released else None,
+        })
+    waits = [r["granted"] - r["enqueued"] for r in records if r["granted"] and r["enqueued"]]
+    violations = fairness_violations(records)
+    return {
+        "batches": len(arrivals), "users": users, "limit": limit, "job_seconds": list(job_s), "seed": seed,
+        "start_errors": starter_errors, "statuses": statuses, "failures": failures,
+        "peak_running_stand_in": peak,
+        "peak_running_from_job_marks": most, "fairness_violations": violations,
+        "queue_left": {"running": len(snapshot["running"]), "waiting": len(snapshot["waiting"])},
+        "wall_seconds": round(wall, 1),
+        "queue_wait_seconds": {f"p{q}": round(percentile(waits, q), 1) for q in (50, 90, 95, 99, 100)},
+        "transitions_per_batch": {
+            "mean": round(statistics.mean(r["transitions"] for r in records), 1),
+            "p50": percentile([r["transitions"] for r in records], 50),
+            "max": max(r["transitions"] for r in records),
+            "without_queue_polls_mean": round(statistics.mean(
+                r["transitions"] - 3 * (r["polls"] - 1) for r in records), 1),
+        },
+        "polls_per_batch": {"mean": round(statistics.mean(r["polls"] for r in records), 1),
+                            "max": max(r["polls"] for r in records)},
+    }
+
+
+def fairness_violations(records: list[dict], poll_s: float = 1.0) -> list[dict]:
+    """Batch x granted a slot while batch y of a lower rank (the rank each joined the line
+    with, from the queue's own answer) was already in line, and y then waited on for more
+    than a poll interval (+1 s): y was passed over, not just granted in the same round (when
+    several slots free at once, whoever polls first of the entitled batches takes one)."""
+    queued = [r for r in records if r["joined"] and r["granted"] and r["rank"] is not None]
+    found = []
+    for x in queued:
+        for y in queued:
+            waited = y["joined"] < x["granted"]
+            if y["rank"] < x["rank"] and waited and y["granted"] > x["granted"] + poll_s + 1:
+                found.append({"granted": f"{x['user']}/{x['batch']} (rank {x['rank']})",
+                              "while_waiting": f"{y['user']}/{y['batch']} (rank {y['rank']})"})
+    return found
+
+
+# --------------------------------------------------------------------------- on paper
+def fair_queue_model(batches_per_day: int, users: int, limit: int, job_minutes: float, seed: int,
+                     peak_share: float = 0.0) -> dict:
+    """A discrete-event model of the same queue (the same fair order: rank, then arrival) for
+    one day of Poisson arrivals (`peak_share` of them inside one evening hour), jobs of
+    `job_minutes`: wait percentiles in minutes and the busy instance hours."""
+    from avatarflow.training_queue import Waiting, fair_order
+
+    rng = random.Random(seed)
+    day = 24 * 60.0
+    times = []
+    for _ in range(batches_per_day):
+        if rng.random() < peak_share:
+            times.append(19 * 60 + rng.random() * 60)
+        else:
+            times.append(rng.random() * day)
+    arrivals = sorted((t, f"u{rng.randrange(users)}") for t in times)
+    free_at = [0.0] * limit
+    heapq.heapify(free_at)
+    holders: list[tuple[float, str]] = []  # (end, user)
+    waiting: list[Waiting] = []
+    waits, i, now = [], 0, 0.0
+    while i < len(arrivals) or waiting:
+        next_arrival = arrivals[i][0] if i < len(arrivals) else math.inf
+        next_free = free_at[0]
+        if waiting and next_free <= next_arrival:
+            now = max(now, heapq.heappop(free_at))
+            holders = [(end, u) for end, u in holders if end > now]
+            head = fair_order(waiting)[0]
+            waiting.remove(head)
+            waits.append(now - head.enqueued_at)
+            heapq.heappush(free_at, now + job_minutes)
+            holders.append((now + job_minutes, head.user_id))
+            continue
+        now, user = arrivals[i]
+        i += 1
+        holders = [(end, u) for end, u in holders if end > now]
+        rank = sum(u == user for _, u in holders) + sum(w.user_id == user for w in waiting)
+        waiting.append(Waiting(f"{now:012.4f}#{i}", user, f"b{i}", str(i), now, rank))  # type: ignore[arg-type]
+    return {"wait_minutes": {"mean": round(statistics.mean(waits), 1),
+                             **{f"p{q}": round(percentile(waits, q), 1) for q in (50, 90, 99, 100)}},
+            "instance_hours": round(batches_per_day * job_minutes / 60, 1),
+            "utilisation": round(batches_per_day * job_minutes / (limit * day), 2)}
+
+
+def paper(measured: dict | None, batches_per_day: int, job_minutes: float, limits: list[int],
+          poll_seconds: int, users: int, seed: int) -> dict:
+    prices = json.loads(PRICES.read_text())
+    transition_price = prices["step_functions_standard_per_1000_transitions"]["usd"] / 1000
+    instance = prices["sagemaker_training_ml.g5.2xlarge_on_demand_per_hour"]
+    base = measured["transitions_per_batch"]["without_queue_polls_mean"] if measured else None
+    rows = []
+    for limit in limits:
+        for label, share in (("spread over the day", 0.0), ("30 % in one evening hour", 0.3)):
+            model = fair_queue_model(batches_per_day, users, limit, job_minutes, seed, share)
+            polls = 3 * model["wait_minutes"]["mean"] * 60 / poll_seconds  # 3 transitions per poll
+            row = {"limit": limit, "arrivals": label, **model,
+                   "instance_cost_usd_per_day": round(model["instance_hours"] * instance["usd"], 2),
+                   "poll_transitions_per_batch_mean": round(polls, 1)}
+            if base is not None:
+                per_batch = base + polls
+                row["transitions_per_batch"] = round(per_batch, 1)
+                row["step_functions_usd_per_day"] = round(batches_per_day * per_batch * transition_price, 2)
+            rows.append(row)
+    needed = math.ceil(batches_per_day * job_minutes / (24 * 60))
+    return {"batches_per_day": batches_per_day, "job_minutes": job_minutes, "poll_seconds": poll_seconds,
+            "slots_needed_to_keep_up": needed, "instance_price": instance,
+            "transition_price_per_1000": prices["step_functions_standard_per_1000_transitions"]["usd"],
+            "rows": rows}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--users", type=int, default=50)
+    parser.add_argument("--limit", type=int, default=4)
+    parser.add_argument("--job-seconds", type=float, nargs=2, default=(2.0, 4.0), metavar=("MIN", "MAX"))
+    parser.add_argument("--seed", type=int, default=18)
+    parser.add_argument("--json", type=Path, default=REPO / "out" / "bench_queue.json")
+    parser.add_argument("--paper-only", action="store_true", help="only the on-paper projection")
+    parser.add_argument("--per-day", type=int, default=10_000)
+    parser.add_argument("--job-minutes", type=float, default=20.0,
+                        help="minutes a training job holds its instance (NOT measured on a GPU here)")
+    parser.add_argument("--paper-limits", type=int, nargs="+", default=[4, 150, 160, 200])
+    args = parser.parse_args()
+
+    measured = None
+    if not args.paper_only:
+        measured = simulate(args.batches, args.users, args.limit, tuple(args.job_seconds), args.seed)
+        print(json.dumps(measured, indent=1))
+    projection = paper(measured, args.per_day, args.job_minutes, args.paper_limits, 60, 2000, args.seed)
+    print(json.dumps(projection, indent=1))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"simulation": measured, "paper": projection}, indent=1))
+    if measured:
+        problems = []
+        if set(measured["statuses"]) != {"SUCCEEDED"} or measured["start_errors"]:
+            problems.append(f"failures: {measured['statuses']} {measured['start_errors'][:3]}")
+        if max(measured["peak_running_stand_in"], measured["peak_running_from_job_marks"]) > args.limit:
+            problems.append("more jobs at once than the limit")
+        if measured["fairness_violations"]:
+            problems.append(f"unfair grants: {measured['fairness_violations'][:5]}")
+        if any(measured["queue_left"].values()):
+            problems.append(f"queue not empty at the end: {measured['queue_left']}")
+        for problem in problems:
+            print("FAIL:", problem, file=sys.stderr)
+        return 1 if problems else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The operator CLI (src/avatarflow_ops), run as the operator runs it: a subprocess of its own
+venv (.venv-ops, lock/ops.txt: sagemaker-core 2.x, whose pins differ from the dev venv's)
+against moto in server mode, where moto implements the calls (SageMaker training jobs,
+endpoints, InvokeEndpointAsync; S3; DynamoDB; CloudWatch Logs)."""
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from avatarflow.training_queue import TrainingQueue
+
+REPO = Path(__file__).resolve().parents[1]
+OPS_PYTHON = REPO / ".venv-ops" / "bin" / "python"
+REGION = "us-east-1"
+ROLE = "arn:aws:iam::123456789012:role/avatarflow-training"
+
+pytestmark = [
+    pytest.mark.e2e,  # each CLI run starts a process that imports sagemaker-core (~5-8 s)
+    pytest.mark.skipif(
+        not OPS_PYTHON.exists() and not os.environ.get("CI"), reason=".venv-ops not built (make tools)"
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def moto_server():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    env = {
+        "PATH": os.environ["PATH"],
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "ops",
+        "AWS_SECRET_ACCESS_KEY": "ops",
+        "AWS_DEFAULT_REGION": REGION,
+        "PYTHONPATH": str(REPO / "src"),
+        "HOME": os.environ.get("HOME", "/tmp"),
+    }
+    session = boto3.Session(aws_access_key_id="ops", aws_secret_access_key="ops", region_name=REGION)
+
+    def client(name):
+        return session.client(name, endpoint_url=url)
+
+    yield env, client, lambda: session.resource("dynamodb", endpoint_url=url)
+    server.stop()
+
+
+def run_cli(env, *args, timeout=120):
+    return subprocess.run(
+        [str(OPS_PYTHON), "-m", "avatarflow_ops", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def _training_job(client, name, hyperparameters):
+    client("sagemaker").create_training_job(
+        TrainingJobName=name,
+        RoleArn=ROLE,
+        HyperParameters=hyperparameters,
+        AlgorithmSpecification={
+            "TrainingImage": "123456789012.dkr.ecr.us-east-1.amazonaws.com/avatarflow-training:1",
+            "TrainingInputMode": "File",
+        },
+        InputDataConfig=[
+            {
+                "ChannelName": "training",
+                "DataSource": {
+                    "S3DataSource": {
+                        "S3DataType": "S3Prefix",
+                        "S3Uri": "s3://data/datasets/ann/b1/",
+                        "S3DataDistributionType": "FullyReplicated",
+                    }
+                },
+            }
+        ],
+        OutputDataConfig={"S3OutputPath": "s3://data/training/"},
+        ResourceConfig={"InstanceType": "ml.g5.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 50},
+        StoppingCondition={"MaxRuntimeInSeconds": 3600},
+    )
+
+
+def test_retrain_repeats_the_batchs_job_with_other_hyperparameters(moto_server):
+    env, client, ddb = moto_server
+    _training_job(client, "avatar-orig", {"learning_rate": "1e-4", "max_train_steps": "800", "token": "sks"})
+    ddb().create_table(
+        TableName="models",
+        BillingMode="PAY_PER_REQUEST",
+        KeySchema=[
+            {"AttributeName": "user_id", "KeyType": "HASH"},
+            {"AttributeName": "version", "KeyType": "RANGE"},
+        ],
+        AttributeDefinitions=[
+            {"AttributeName": "user_id", "AttributeType": "S"},
+            {"AttributeName": "version", "AttributeType": "S"},
+        ],
+    )
+    ddb().Table("models").put_item(Item={"user_id": "ann", "version": "b1", "training_job": "avatar-orig"})
+    done = run_cli(
+        env,
+        "retrain",
+        "--models-table",
+        "models",
+        "--user",
+        "ann",
+        "--version",
+        "b1",
+        "--set",
+        "learning_rate=5e-5",
+        "--set",
+        "max_train_steps=1200",
+    )
+    assert done.returncode == 0, done.stderr
+    new = json.loads(done.stdout)["training_job"]
+    assert new.startswith("avatar-ops-")
+    job = client("sagemaker").describe_training_job(TrainingJobName=new)
+    assert job["HyperParameters"] == {"learning_rate": "5e-5", "max_train_steps": "1200", "token": "sks"}
+    assert job["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == "s3://data/datasets/ann/b1/"
+    assert job["RoleArn"] == ROLE and job["ResourceConfig"]["InstanceType"] == "ml.g5.2xlarge"
+    # Usage errors and a missing row are refused, not guessed.
+    assert run_cli(env, "retrain").returncode == 2
+    missing = run_cli(env, "retrain", "--models-table", "models", "--user", "bob", "--version", "b9")
+    assert missing.returncode == 2 and "no training job" in missing.stderr
+    assert run_cli(env, "retrain", "--job", "avatar-orig", "--set", "nonsense").returncode == 2
+
+
+def test_logs_prints_every_stream_of_the_job(moto_server):
+    env, client, _ = moto_server
+    _training_job(client, "avatar-logs", {"token": "sks"})
+    logs = client("logs")
+    logs.create_log_group(logGroupName="/aws/sagemaker/TrainingJobs")
+    logs.create_log_stream(logGroupName="/aws/sagemaker/TrainingJobs", logStreamName="avatar-logs/algo-1-1")
+    now = int(time.time() * 1000)
+    logs.put_log_events(
+        logGroupName="/aws/sagemaker/TrainingJobs",
+        logStreamName="avatar-logs/algo-1-1",
+        logEvents=[
+            {"timestamp": now, "message": "step=1 loss=0.5"},
+            {"timestamp": now + 1, "message": "step=2 loss=0.4"},
+        ],
+    )
+    done = run_cli(env, "logs", "avatar-logs")
+    assert done.returncode == 0, done.stderr
+    assert "[avatar-logs/algo-1-1] step=1 loss=0.5" in done.stdout and "step=2 loss=0.4" in done.stdout
+
+
+def test_queue_shows_the_running_jobs_and_the_line(moto_server):
+    env, _, ddb = moto_server
+    table = ddb().create_table(
+        TableName="queue",
+        BillingMode="PAY_PER_REQUEST",
+        KeySchema=[
+            {"AttributeName": "queue", "KeyType": "HASH"},
+            {"AttributeName": "entry", "KeyType": "RANGE"},
+        ],
+        AttributeDefinitions=[
+            {"AttributeName": "queue", "AttributeType": "S"},
+            {"AttributeName": "entry", "AttributeType": "S"},
+        ],
+    )
+    queue = TrainingQueue(table, 1, 600)
+    arn = "arn:aws:states:us-east-1:123456789012:execution:m:"
+    assert queue.acquire("ann", "b1", arn + "a").acquired
+    assert not queue.acquire("bob", "b1", arn + "b").acquired
+    done = run_cli(env, "queue", "--table", "queue", "--limit", "1")
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert [r["user_id"] for r in shown["running"]] == ["ann"]
+    assert [(w["position"], w["user_id"]) for w in shown["waiting"]] == [(1, "bob")]
+
+
+def _endpoint(client, name):
+    sm = client("sagemaker")
+    sm.create_model(
+        ModelName=name,
+        ExecutionRoleArn=ROLE,
+        PrimaryContainer={"Image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/avatarflow-infer:1"},
+    )
+    sm.create_endpoint_config(
+        EndpointConfigName=name,
+        ProductionVariants=[
+            {
+                "VariantName": "AllTraffic",
+                "ModelName": name,
+                "InstanceType": "ml.g4dn.xlarge",  # moto's instance list predates g5
+                "InitialInstanceCount": 1,
+            }
+        ],
+    )
+    sm.create_endpoint(EndpointName=name, EndpointConfigName=name)
+
+
+def test_endpoint_state_and_a_smoke_test_that_waits_for_its_image(moto_server):
+    env, client, _ = moto_server
+    _endpoint(client, "avatarflow-infer")
+    done = run_cli(env, "endpoint", "avatarflow-infer")
+    shown = json.loads(done.stdout)
+    assert shown["endpoint"] == "avatarflow-infer" and shown["config"] == "avatarflow-infer"
+    assert done.returncode == (0 if shown["status"] == "InService" else 1)
+    assert run_cli(env, "endpoint", "nope").returncode != 0
+
+    s3 = client("s3")
+    s3.create_bucket(Bucket="data")
+    done = run_cli(
+        env,
+        "smoke",
+        "--endpoint",
+        "avatarflow-infer",
+        "--bucket",
+        "data",
+        "--user",
+        "ann",
+        "--version",
+        "b1",
+        "--timeout",
+        "60",
+        "--poll",
+        "0.2",
+    )
+    assert done.returncode == 0 and "smoke test passed" in done.stderr, done.stderr
+    queued, *body = done.stdout.splitlines()
+    queued = json.loads(queued)
+    request = json.loads(
+        s3.get_object(Bucket="data", Key=f"requests/{queued['inference_id']}.json")["Body"].read()
+    )
+    assert request["user_id"] == "ann" and request["model_version"] == "b1" and request["num_images"] == 1
+    # What it printed is the result object InvokeEndpointAsync named (moto writes a canned one).
+    bucket, _, key = queued["output_location"].removeprefix("s3://").partition("/")
+    assert "\n".join(body) == s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+
+
+def test_a_smoke_test_without_a_result_in_time_fails(moto_server):
+    env, client, _ = moto_server
+    _endpoint(client, "avatarflow-silent")
+    client("s3").create_bucket(Bucket="data2")
+    done = run_cli(
+        env,
+        "smoke",
+        "--endpoint",
+        "avatarflow-silent",
+        "--bucket",
+        "data2",
+        "--user",
+        "ann",
+        "--version",
+        "b1",
+        "--timeout",
+        "0",
+    )
+    assert done.returncode == 1 and "no result within 0" in done.stderr

@@ -18,7 +18,7 @@ export HF_HUB_OFFLINE ?= 1
 export SAM_CLI_TELEMETRY ?= 0
 export AWS_DEFAULT_REGION ?= us-east-1
 
-.PHONY: install tools lock test test-fast lint validate bench-intake bench-train bench-infer bench-gpu bench-queue bench fuzz soak demo up clean
+.PHONY: install tools web web-package browser lock test test-fast lint validate bench-intake bench-train bench-infer bench-gpu bench-queue bench fuzz soak demo up clean
 
 # The CPU build of torch (lock/dev.txt pins 2.13.0+cpu) is not on PyPI. Where pip has no
 # find-links folder configured that holds it, take it from PyTorch's CPU index.
@@ -73,6 +73,33 @@ $(ASL_TOOL)/node_modules/.installed: $(ASL_TOOL)/package.json $(ASL_TOOL)/packag
 	cd $(ASL_TOOL) && npm ci --ignore-scripts --no-audit --no-fund
 	touch $@
 
+# The web app (web/: Vite + TypeScript, axe-core for the browser test): `npm ci` installs exactly
+# web/package-lock.json (integrity hashes, no install scripts), then a type check and the build
+# into web/dist. Nothing is fetched when the app runs.
+WEB_SOURCES := $(wildcard web/src/*) $(wildcard web/public/*) web/index.html web/vite.config.ts web/tsconfig.json
+web: web/dist/index.html
+
+web/node_modules/.installed: web/package.json web/package-lock.json
+	command -v node >/dev/null && command -v npm >/dev/null || \
+		($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends nodejs npm)
+	cd web && npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
+
+web/dist/index.html: web/node_modules/.installed $(WEB_SOURCES)
+	cd web && npm run build
+
+# Before `sam build`: the built app goes inside the publisher function's package
+# (functions/publish_web/site/, git-ignored), which copies it to the app bucket at deploy time.
+web-package: web
+	rm -rf functions/publish_web/site
+	cp -R web/dist functions/publish_web/site
+
+# Headless Chromium from Debian's packages for tests/test_web_app.py (Playwright drives it by
+# path: no browser download). Installed where missing, as node/npm are for tools/asl.
+browser:
+	command -v chromium >/dev/null || \
+		($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium)
+
 # Refresh every lock/*.txt on purpose (newest versions pyproject's ranges and lock/*.in allow),
 # then src/requirements.txt from lock/layer.txt. A refresh must pass `make test` like any change.
 # LOCK_ARGS=--keep re-resolves after an input changed without upgrading the rest.
@@ -85,7 +112,7 @@ lint: install
 # Everything, what CI runs. Three pytest workers on the two cores: the end-to-end tests spend
 # much of their time waiting (settle timers, pollers, a training subprocess starting), and a
 # third worker fills that idle time (measured: 262 s vs 283 s with two).
-test: install tools lint
+test: install tools lint web browser
 	PATH="$(CURDIR)/$(TOOLS_VENV)/bin:$$PATH" $(PY) -m pytest -n 3 --dist worksteal
 
 # Unit tests only (no training subprocess, no workflow run): the inner loop, under a minute.
@@ -129,8 +156,9 @@ bench-gpu:
 demo: install
 	$(PY) -m avatarflow_local demo $(if $(PHOTOS),--photos "$(PHOTOS)") $(DEMO_ARGS)
 
-up: install
+up: install web
 	$(PY) -m avatarflow_local up $(UP_ARGS)
 
 clean:
-	rm -rf $(VENV) $(TOOLS_VENV) $(CHECKOV_VENV) $(ASL_TOOL)/node_modules .pytest_cache .ruff_cache out
+	rm -rf $(VENV) $(TOOLS_VENV) $(CHECKOV_VENV) $(ASL_TOOL)/node_modules web/node_modules web/dist \
+		functions/publish_web/site .pytest_cache .ruff_cache out

@@ -625,7 +625,8 @@ def test_deploy_simulation_catches_a_first_deploy_without_the_required_parameter
 def test_bucket_outlives_the_stack_but_not_a_failed_first_deploy(template):
     """DeletionPolicy RetainExceptOnCreate: `sam delete` keeps users' data; a first deploy that
     rolls back deletes the (empty) bucket, so the retry does not collide with its fixed name."""
-    (bucket,) = [r for r in template["Resources"].values() if r["Type"] == "AWS::S3::Bucket"]
+    bucket = template["Resources"]["DataBucket"]
+    assert bucket["Type"] == "AWS::S3::Bucket"
     assert bucket["DeletionPolicy"] == "RetainExceptOnCreate"
     assert bucket["UpdateReplacePolicy"] == "Retain"
 
@@ -643,7 +644,7 @@ def test_readme_empties_and_removes_the_retained_bucket_so_the_stack_can_be_recr
     match = re.search(r"<!-- empty-retained-bucket -->\s*```bash\n(.*?)```", section, flags=re.S)
     assert match, "README: no <!-- empty-retained-bucket --> bash block in the Deploy section"
     stack = samconfig["prod"]["global"]["parameters"]["stack_name"]
-    (bucket_spec,) = [r for r in template["Resources"].values() if r["Type"] == "AWS::S3::Bucket"]
+    bucket_spec = template["Resources"]["DataBucket"]
     name = Cfn(template, REQUIRED_PARAMS, stack=stack).eval(bucket_spec["Properties"]["BucketName"])
 
     with socket.socket() as sock:

@@ -8,13 +8,18 @@ to these rules:
 - `Resource: "*"` only for the actions AWS grants on `*` alone (RESOURCE_STAR_ONLY, each
   with its reason), and cloudwatch:PutMetricData only with a namespace condition;
 - iam:PassRole only on a role of this stack, with an iam:PassedToService condition;
-- S3 only on the stack's bucket, object actions under a prefix of the layout (keys.py), the
-  bucket itself only for listing with an s3:prefix condition; the operator's base model
+- S3 only on the stack's buckets, object actions under a prefix of the bucket's layout
+  (keys.py for the data bucket, avatarflow.webapp.APP_PREFIX for the web app's), the bucket
+  itself only for listing with an s3:prefix condition, or for the one configuration action
+  each of BUCKET_CONFIG_ACTIONS names (with its reason); the operator's base model
   bucket read-only;
 - other resources are this stack's resources (tables, topics, functions, endpoint...) or
   ARNs in this account and region whose name has a fixed stem (`training-job/avatar-*`,
   not `repository/*`);
 - no NotAction/NotResource/NotPrincipal; resource policies allow only service principals.
+
+A resource written as Fn::If is checked in both branches. WAF web ACLs are skipped by the
+"every Statement visited" sweep: their rules' `Statement` is a WAF match, not a policy.
 
 The walk is fail-closed: a policy shape it does not recognize (a Policies entry of unknown
 form, an intrinsic it cannot read, a Statement anywhere it did not visit) is a violation.
@@ -31,7 +36,7 @@ from importlib import resources
 
 import pytest
 
-from avatarflow import keys
+from avatarflow import keys, webapp
 from avatarflow_local.workflow_stack import TEMPLATE, load_template, sam_translated
 
 # Actions that AWS only grants on Resource "*" (no resource-level permissions), and why we need them.
@@ -80,7 +85,14 @@ LAYOUT_PREFIXES = (
     keys.ASYNC_OUTPUT, keys.ASYNC_FAILURES, keys.PACKS,
     keys.STYLES_OBJECT,  # one object: the operator's pack styles (avatarflow.styles)
 )
+# Each bucket's layout: where objects may be granted and which s3:prefix a listing may name.
+BUCKET_LAYOUTS = {"DataBucket": LAYOUT_PREFIXES, "WebBucket": (webapp.APP_PREFIX,)}
 BUCKET_LIST_ACTIONS = {"s3:ListBucket", "s3:ListBucketVersions"}
+# Bucket configuration a function may change, and why.
+BUCKET_CONFIG_ACTIONS = {
+    "s3:PutBucketCORS": "functions/publish_web sets the data bucket's CORS rules to the web app's origin "
+    "at deploy time (CloudFormation cannot: the distribution depends on the API, the API on the bucket)",
+}
 BASE_MODEL_READ_ACTIONS = {"s3:GetObject", "s3:ListBucket"}
 BASE_MODEL_BUCKET = "${select(2,split(/,${BaseModelS3Uri}))}"
 
@@ -95,6 +107,7 @@ SERVICE_RESOURCE_TYPES = {
     "logs": {"AWS::Logs::LogGroup"},
     "iam": {"AWS::IAM::Role"},
     "kms": {"AWS::KMS::Key"},
+    "cognito-idp": {"AWS::Cognito::UserPool"},
 }
 STATEMENT_KEYS = {"Sid", "Effect", "Action", "Resource", "Condition"}
 ARN = re.compile(r"^arn:(?:PARTITION|aws):([a-z0-9-]+):([^:]*):([^:]*):(.+)$")
@@ -109,6 +122,16 @@ class Unrecognized(Exception):
 
 def as_list(value):
     return value if isinstance(value, list) else [value]
+
+
+def branches(value) -> list:
+    """Both values of an Fn::If (recursively); any other value as itself."""
+    if isinstance(value, dict) and list(value) == ["Fn::If"]:
+        arg = value["Fn::If"]
+        if not (isinstance(arg, list) and len(arg) == 3):
+            raise Unrecognized(f"cannot read {json.dumps(value)[:200]}")
+        return branches(arg[1]) + branches(arg[2])
+    return [value]
 
 
 def render(value) -> str:
@@ -151,16 +174,20 @@ class Checker:
 
     # ------------------------------------------------------------------ the stack bucket
 
-    def _stack_bucket_arns(self) -> set[str]:
-        forms = set()
+    def _stack_bucket_arns(self) -> dict[str, tuple[str, ...]]:
+        """Every way a policy may spell a stack bucket's ARN -> that bucket's layout prefixes
+        (a bucket BUCKET_LAYOUTS does not name has none: no object may be granted)."""
+        forms = {}
         for name, res in self.resources.items():
             if res.get("Type") != "AWS::S3::Bucket":
                 continue
-            forms |= {f"${{{name}.Arn}}", f"arn:${{AWS::Partition}}:s3:::${{{name}}}"}
+            layout = BUCKET_LAYOUTS.get(name, ())
+            spellings = {f"${{{name}.Arn}}", f"arn:${{AWS::Partition}}:s3:::${{{name}}}"}
             bucket_name = (res.get("Properties") or {}).get("BucketName")
             if bucket_name is not None:
                 with contextlib.suppress(Unrecognized):
-                    forms.add(f"arn:${{AWS::Partition}}:s3:::{render(bucket_name)}")
+                    spellings.add(f"arn:${{AWS::Partition}}:s3:::{render(bucket_name)}")
+            forms.update(dict.fromkeys(spellings, layout))
         return forms
 
     def fail(self, where: str, message: str) -> None:
@@ -174,7 +201,9 @@ class Checker:
                 self.check_resource(name, res)
             except Unrecognized as err:
                 self.fail(name, f"unrecognized policy shape: {err}")
-        for path, node in find_statements(self.resources, "Resources"):
+        policies = {k: v for k, v in self.resources.items()
+                    if not str(v.get("Type", "")).startswith("AWS::WAFv2::")}
+        for path, node in find_statements(policies, "Resources"):
             if id(node) not in self.visited:
                 self.fail(path, "a policy document the IAM test does not know how to check (fail closed)")
         return self.violations
@@ -277,7 +306,8 @@ class Checker:
                 self.fail(at, "no Resource")
                 continue
             for resource in as_list(st["Resource"]):
-                self.check_resource_arn(at, st, actions, render(resource))
+                for branch in branches(resource):
+                    self.check_resource_arn(at, st, actions, render(branch))
             if "iam:PassRole" in actions:
                 passed = (st.get("Condition") or {}).get("StringEquals", {}).get("iam:PassedToService")
                 if not passed:
@@ -348,10 +378,13 @@ class Checker:
     def check_s3(self, at: str, st: dict, actions: list[str], resource: str) -> None:
         if {a.split(":", 1)[0] for a in actions} != {"s3"}:
             self.fail(at, f"non-S3 actions {actions} on S3 resource {resource}")
-        for form in self.bucket_arns:
+        for form, layout in self.bucket_arns.items():
             if resource == form:
+                if set(actions) <= set(BUCKET_CONFIG_ACTIONS):
+                    return
                 if not set(actions) <= BUCKET_LIST_ACTIONS:
-                    self.fail(at, f"bucket-level actions {actions}: only {sorted(BUCKET_LIST_ACTIONS)}")
+                    self.fail(at, f"bucket-level actions {actions}: only {sorted(BUCKET_LIST_ACTIONS)} "
+                                  f"or one of {sorted(BUCKET_CONFIG_ACTIONS)} alone")
                 prefixes = [
                     p
                     for op in ("StringLike", "StringEquals")
@@ -360,13 +393,13 @@ class Checker:
                 if not prefixes:
                     self.fail(at, "listing the stack bucket without an s3:prefix condition")
                 for prefix in prefixes:
-                    if not prefix.startswith(LAYOUT_PREFIXES):
-                        self.fail(at, f"s3:prefix {prefix!r} is outside the layout {LAYOUT_PREFIXES}")
+                    if not layout or not prefix.startswith(layout):
+                        self.fail(at, f"s3:prefix {prefix!r} is outside the layout {layout}")
                 return
             if resource.startswith(form + "/"):
                 key = resource[len(form) + 1 :]
-                if not key.startswith(LAYOUT_PREFIXES):
-                    self.fail(at, f"{resource}: objects outside the layout prefixes {LAYOUT_PREFIXES}")
+                if not layout or not key.startswith(layout):
+                    self.fail(at, f"{resource}: objects outside the layout prefixes {layout}")
                 if set(actions) & BUCKET_LIST_ACTIONS:
                     self.fail(at, f"list actions on object ARN {resource}")
                 return

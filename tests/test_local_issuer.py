@@ -294,3 +294,113 @@ def test_sam_route_rules_for_scopes_and_none():
     assert http_route({**plain, "Auth": {"Authorizer": "NONE"}}, resolved) == HttpRoute("GET", "/p")
     with pytest.raises(KeyError):
         http_route({**plain, "Auth": {"Authorizer": "Missing"}}, resolved)
+
+
+# ------------------------------------------------------------------ sign-in: code + PKCE (the web app's flow)
+APP = "http://127.0.0.1:9/"  # a callback URL (nothing listens: the redirect is only read)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def _post_form(url, fields, origin=None):
+    from urllib.parse import urlencode
+
+    request = urllib.request.Request(url, data=urlencode(fields).encode(), method="POST",
+                                     headers={"Content-Type": "application/x-www-form-urlencoded",
+                                              **({"Origin": origin} if origin else {})})
+    try:
+        with urllib.request.build_opener(_NoRedirect).open(request, timeout=10) as response:
+            return response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, err.read(), dict(err.headers)
+
+
+def _authorize_params(issuer, verifier, **overrides):
+    challenge = _b64(hashlib.sha256(verifier.encode()).digest())
+    params = {"response_type": "code", "client_id": issuer.client_id, "redirect_uri": APP, "state": "s1",
+              "scope": "openid email", "code_challenge": challenge, "code_challenge_method": "S256"}
+    params.update(overrides)
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _code(issuer, verifier, user="ada"):
+    from urllib.parse import parse_qs, urlsplit
+
+    fields = {**_authorize_params(issuer, verifier), "username": user}
+    status, _, headers = _post_form(issuer.authorize_url, fields)
+    assert status == 302
+    location = urlsplit(headers["Location"])
+    assert f"{location.scheme}://{location.netloc}{location.path}" == APP
+    query = parse_qs(location.query)
+    assert query["state"] == ["s1"]
+    return query["code"][0]
+
+
+def test_code_with_pkce_signs_in_and_the_api_accepts_the_token(api, issuer):
+    from urllib.parse import urlencode
+
+    issuer.allow_callback(APP)
+    assert issuer.discovery()["authorization_endpoint"] == issuer.authorize_url
+    verifier = "v" * 50
+    page = urllib.request.urlopen(f"{issuer.authorize_url}?{urlencode(_authorize_params(issuer, verifier))}",
+                                  timeout=10)
+    text = page.read().decode()
+    assert page.status == 200 and '<label for="username">User id</label>' in text
+    assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+    code = _code(issuer, verifier, "grace")
+    status, body, headers = _post_form(issuer.token_url, {
+        "grant_type": "authorization_code", "client_id": issuer.client_id, "code": code,
+        "redirect_uri": APP, "code_verifier": verifier}, origin="http://127.0.0.1:9")
+    assert status == 200, body
+    assert headers["Access-Control-Allow-Origin"] == "http://127.0.0.1:9"
+    tokens = json.loads(body)
+    assert tokens["token_type"] == "Bearer" and tokens["expires_in"] == issuer.access_ttl_s
+    status, answer, _ = _fetch(f"{api.url}/users/grace/models", tokens["access_token"])
+    assert (status, answer) == (200, {"ok": True})
+    claims = api.events[-1]["requestContext"]["authorizer"]["jwt"]["claims"]
+    assert claims["sub"] == "grace" and claims["scope"] == "openid email"
+    # The code was single use.
+    again = _post_form(issuer.token_url, {"grant_type": "authorization_code", "client_id": issuer.client_id,
+                                          "code": code, "redirect_uri": APP, "code_verifier": verifier})
+    assert (again[0], json.loads(again[1])) == (400, {"error": "invalid_grant"})
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"code_verifier": "w" * 50}, "invalid_grant"),  # not the verifier of the challenge
+    ({"redirect_uri": "http://127.0.0.1:9/other"}, "invalid_grant"),
+    ({"client_id": "someoneelse"}, "invalid_client"),
+    ({"grant_type": "password"}, "unsupported_grant_type"),
+])
+def test_token_request_that_does_not_match_its_code_is_refused(issuer, change, error):
+    issuer.allow_callback(APP)
+    verifier = "v" * 50
+    form = {"grant_type": "authorization_code", "client_id": issuer.client_id,
+            "code": _code(issuer, verifier), "redirect_uri": APP, "code_verifier": verifier, **change}
+    status, body, headers = _post_form(issuer.token_url, form, origin="http://evil.example")
+    assert (status, json.loads(body)) == (400, {"error": error})
+    assert "Access-Control-Allow-Origin" not in headers  # only a callback's origin may read answers
+
+
+@pytest.mark.parametrize("change", [
+    {"redirect_uri": "http://evil.example/"},  # never redirect to an unregistered URL
+    {"client_id": "someoneelse"},
+    {"code_challenge": None},  # PKCE is required
+    {"code_challenge_method": "plain"},
+    {"response_type": "token"},
+])
+def test_authorize_request_that_breaks_a_rule_gets_an_error_page_not_a_redirect(issuer, change):
+    issuer.allow_callback(APP)
+    fields = {**_authorize_params(issuer, "v" * 50, **change), "username": "ada"}
+    status, body, headers = _post_form(issuer.authorize_url, fields)
+    assert status == 400 and "Location" not in headers
+    assert b"Sign-in error" in body
+
+
+def test_authorize_refuses_a_user_id_the_api_would_refuse(issuer):
+    issuer.allow_callback(APP)
+    fields = {**_authorize_params(issuer, "v" * 50), "username": "../admin"}
+    status, body, headers = _post_form(issuer.authorize_url, fields)
+    assert status == 400 and "Location" not in headers and b"not a valid user id" in body

@@ -253,6 +253,8 @@ def test_up_server_with_the_aws_cli_and_plain_http(tmp_path):
             "0",
             "--issuer-port",
             "0",
+            "--web-port",
+            "0",
             "--out",
             str(out),
             "--user",
@@ -304,6 +306,12 @@ def test_up_server_with_the_aws_cli_and_plain_http(tmp_path):
         )
         assert printed.returncode == 0 and printed.stdout.strip() == token, printed.stderr
         assert call("GET", f"{api}/users/grace/models", info["id_tokens"]["grace"])[0] == 200
+        if info["web_url"]:  # the web app (built by `make web`): same origin for the app and /api/
+            with urllib.request.urlopen(info["web_url"], timeout=10) as page:
+                assert b'<main id="main"' in page.read()
+                assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+            assert call("GET", f"{info['web_url']}api/users/grace/models", token)[0] == 200
+            assert call("GET", f"{info['web_url']}api/users/ada/models", token)[0] == 403
         deadline = time.time() + 120
         while True:
             status, models = call("GET", f"{api}/users/grace/models", token)

@@ -140,6 +140,18 @@ def test_images_over_quota_is_429_with_retry_after(stack, endpoint):
     assert today["images"] == {"used": 3, "limit": 3}
 
 
+def test_a_pack_takes_its_images_from_the_days_quota(stack):
+    """POST .../packs queues styles x ImagesPerStyle images: the same quota as generations."""
+    stack.with_environment("api", QUOTA_IMAGES_PER_DAY="10", PACK_IMAGES_PER_STYLE="4")
+    put_model(stack.resources, "alice", "v1", "READY")
+    two_styles = {"styles": ["watercolor", "comic-book"]}
+    assert call(stack, "POST", "/users/alice/packs", body=two_styles)["statusCode"] == 202
+    assert usage.today(usage_table(stack), "alice")["images"] == 8
+    refused = call(stack, "POST", "/users/alice/packs", body=two_styles)
+    assert refused["statusCode"] == 429 and body_of(refused)["quota"] == "images"
+    assert usage.today(usage_table(stack), "alice")["images"] == 8  # nothing taken by the refusal
+
+
 def test_uploads_refused_once_the_days_batches_are_spent(stack):
     stack.with_environment("api", QUOTA_BATCHES_PER_DAY="1")
     files = {"files": [{"name": "a.jpg", "content_type": "image/jpeg"}]}

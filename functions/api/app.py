@@ -70,13 +70,14 @@ MAX_JSON_DEPTH = 32
 MAX_ERRORS = 10
 MAX_ERROR_TEXT = 200
 
+# CORS only for another origin named at deploy time (CorsAllowOrigin): the stack's web app calls
+# the API on its own origin through CloudFront (/api/*) and needs none.
+_CORS_ORIGIN = os.environ.get("CORS_ALLOW_ORIGIN", "")
 app = APIGatewayHttpResolver(
     enable_validation=True,
-    cors=CORSConfig(
-        allow_origin=os.environ.get("CORS_ALLOW_ORIGIN", "*"),
-        allow_headers=["Authorization", "Content-Type"],
-        max_age=600,
-    ),
+    cors=CORSConfig(allow_origin=_CORS_ORIGIN, allow_headers=["Authorization", "Content-Type"], max_age=600)
+    if _CORS_ORIGIN
+    else None,
 )
 
 
@@ -859,6 +860,7 @@ def _sign(key: str, ttl: int) -> str:
         400: {"description": "bad body, or a style that is not in the catalogue"},
         409: {"description": "no READY model"},
         410: {"description": "the user was erased (DELETE /users/{user_id})"},
+        429: {"description": "today's images are spent (Retry-After)"},
         503: {"description": "the operator's style catalogue does not validate"},
     },
 )
@@ -876,6 +878,13 @@ def create_pack(user_id: str, body: Annotated[PackBody | None, Body()] = None):
         chosen = styles.pick(catalogue, body.styles if body else None, styles.MAX_STYLES)
     except styles.CatalogueError as err:
         raise FieldErrors([{"field": "body.styles", "reason": _clip(str(err))}]) from None
+    # The pack's first round is len(chosen) generations of PACK_IMAGES_PER_STYLE images: they
+    # come out of the same daily quota as POST .../generations (regeneration rounds do not).
+    images = len(chosen) * min(_int_env("PACK_IMAGES_PER_STYLE", 4), packs.MAX_IMAGES_PER_STYLE)
+    try:
+        usage.take_images(_usage_table(), user_id, images, _quotas().images_per_day)
+    except usage.QuotaExceeded as err:
+        return _over_quota(err)
     pack_id = new_id()
     logger.append_keys(pack_id=pack_id)
     now = gen.utc_now()
@@ -888,11 +897,15 @@ def create_pack(user_id: str, body: Annotated[PackBody | None, Body()] = None):
         },
         ConditionExpression="attribute_not_exists(pack_id)",
     )
-    aws().sfn.start_execution(
-        stateMachineArn=_env("STATE_MACHINE_ARN"),
-        name=execution_name(user_id, pack_id),
-        input=json.dumps({"user_id": user_id, "version": model["version"], "pack": {"pack_id": pack_id}}),
-    )
+    try:
+        aws().sfn.start_execution(
+            stateMachineArn=_env("STATE_MACHINE_ARN"),
+            name=execution_name(user_id, pack_id),
+            input=json.dumps({"user_id": user_id, "version": model["version"], "pack": {"pack_id": pack_id}}),
+        )
+    except (BotoCoreError, ClientError):
+        usage.give_back_images(_usage_table(), user_id, images)
+        raise
     logger.info("pack requested", extra={"styles": len(chosen)})
     metrics.add_metric(name="PacksRequested", unit=MetricUnit.Count, value=1)
     return (

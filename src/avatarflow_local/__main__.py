@@ -98,15 +98,24 @@ def cmd_up(args) -> int:
         if step is None or int(step.group(1)) == 1 or int(step.group(1)) % 10 == 0:
             print(f"[{_stamp()}] {kind}: {text}", flush=True)
 
+    from avatarflow_local.functions import REPO_ROOT
+
+    web_dist = REPO_ROOT / "web" / "dist"
+    if not (web_dist / "index.html").is_file():
+        print(f"no web app in {web_dist} (`make web` builds it): serving the API only", flush=True)
+        web_dist = None
     runtime = LocalRuntime(
-        _settings(args, port=args.port, api_port=args.api_port, issuer_port=args.issuer_port, users=users),
+        _settings(args, port=args.port, api_port=args.api_port, issuer_port=args.issuer_port, users=users,
+                  web_dist=web_dist, web_port=args.web_port),
         on_event=on_event,
     )
     runtime.start()
     info_path = Path(args.out) / "local-stack.json"
     try:
         aws, api, bucket, issuer = runtime.endpoint_url, runtime.api_url, runtime.bucket, runtime.issuer
+        web = runtime.web_url + "/" if runtime.web else None
         info = {
+            "web_url": web,
             "aws_endpoint_url": aws,
             "api_url": api,
             "bucket": bucket,
@@ -128,6 +137,7 @@ def cmd_up(args) -> int:
         print(
             f"""
 avatarflow local stack is up (Ctrl-C stops it)
+  web app (open it in a browser; sign in with any user id):  {web or "not built (make web)"}
   AWS endpoint (S3, SQS, SNS, DynamoDB, Step Functions): {aws}
   API (API Gateway HTTP API stand-in):                    {api}
   JWT issuer (stands in for the Cognito user pool):       {issuer.issuer}
@@ -239,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument(
         "--issuer-port", type=int, default=4568, help="local JWT issuer port (JWKS; 0: any free port)"
     )
+    up.add_argument("--web-port", type=int, default=4569, help="web app port (0: any free port)")
     up.add_argument(
         "--user", action="append", help="mint tokens for this user id (repeatable; default: me)"
     )

@@ -227,6 +227,12 @@ def _s3_requests(operation: str, params: dict) -> list[Request]:
                     f"{bucket_arn}/{o['Key']}")
             for o in params["Delete"]["Objects"]
         ]
+    # Bucket configuration: DeleteBucketCors is authorized as s3:PutBucketCORS (AWS's
+    # "Actions, resources, and condition keys for Amazon S3" lists no action of its own).
+    configuration = {"PutBucketCors": "s3:PutBucketCORS", "DeleteBucketCors": "s3:PutBucketCORS",
+                     "GetBucketCors": "s3:GetBucketCORS"}
+    if operation in configuration:
+        return [Request(configuration[operation], bucket_arn)]
     listing = {"ListObjectsV2": "s3:ListBucket", "ListObjects": "s3:ListBucket",
                "HeadBucket": "s3:ListBucket", "ListObjectVersions": "s3:ListBucketVersions"}
     if operation in listing:
@@ -252,6 +258,9 @@ def requests_for(service: str, operation: str, params: dict, region: str, accoun
     here = (region, account)
     if service == "s3":
         return _s3_requests(operation, params)
+    if service == "cognito-idp" and operation in ("DescribeUserPoolClient", "UpdateUserPoolClient"):
+        pool = _arn("cognito-idp", *here, f"userpool/{params['UserPoolId']}")
+        return [Request(f"cognito-idp:{operation}", pool)]
     if service == "dynamodb":
         def table(name: str, index: str | None = None) -> str:
             return _arn("dynamodb", *here, f"table/{name}" + (f"/index/{index}" if index else ""))

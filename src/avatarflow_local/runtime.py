@@ -11,8 +11,12 @@
   4. the SQS event source mapping of on_upload, SNS -> Lambda for on_generation_done, email
      capture to out/mail/ (event_sources);
   5. the async inference endpoint on the resident base model (async_inference);
-  6. the local OIDC issuer (local_issuer: per-run RSA key, JWKS, RS256 tokens like Cognito's)
-     and the HTTP API adapter whose JWT authorizer trusts it (http_api).
+  6. the local OIDC issuer (local_issuer: per-run RSA key, JWKS, RS256 tokens like Cognito's,
+     sign-in with code + PKCE) and the HTTP API adapter whose JWT authorizer trusts it (http_api);
+  7. with `Settings.web_dist`, the web app laid out as the CloudFront distribution serves it
+     (web_server: the app, config.json, the API under /api/*), its origin registered as the
+     issuer's callback and allowed by the bucket's CORS rules, as the deploy-time publisher
+     (functions/publish_web) does in the cloud.
 
 The base model is the tiny random model (built once under .cache/, no download) unless a
 diffusers folder is given; the GPU is used when torch sees one.
@@ -33,6 +37,7 @@ from pathlib import Path
 
 import boto3
 
+from avatarflow import webapp
 from avatarflow.workflow import execution_name
 from avatarflow_local import forkserver, iam, training_job
 from avatarflow_local.async_inference import AsyncEndpoint
@@ -42,6 +47,7 @@ from avatarflow_local.http_api import HttpApi
 from avatarflow_local.lambda_hook import LambdaHook
 from avatarflow_local.local_issuer import LocalIssuer
 from avatarflow_local.moderation_stand_in import ModerationStandIn
+from avatarflow_local.web_server import WebServer, security_headers
 from avatarflow_local.workflow_stack import REGION, LocalStackResources, create_local_stack
 
 LOG = logging.getLogger(__name__)
@@ -100,6 +106,9 @@ class Settings:
     progress: bool = False  # tqdm bars (denoising steps) on stderr
     verbose: bool = False  # the functions' JSON logs and metrics on stdout
     users: tuple[str, ...] = ("me",)
+    web_dist: Path | None = None  # the built web app (web/dist): served when given
+    web_port: int = 0
+    web_poll_ms: int = 1000  # how often the app polls a running step (the cloud's: 3 s)
     # A stand-in for Rekognition/Comprehend (moto has neither): with one, the stack runs the
     # moderation layers as deployed (the template's defaults); without, they are off and the
     # results say so (workflow_stack.LOCAL_PARAMETERS).
@@ -129,6 +138,7 @@ class LocalRuntime:
         self.hook: LambdaHook | None = None
         self.endpoint: AsyncEndpoint | None = None
         self.api: HttpApi | None = None
+        self.web: WebServer | None = None
         self.mail: MailCapture | None = None
         self.pollers: list = []
         self.base_model_path: Path | None = None
@@ -148,6 +158,10 @@ class LocalRuntime:
     @property
     def api_url(self) -> str:
         return self.api.url
+
+    @property
+    def web_url(self) -> str:
+        return self.web.url
 
     @property
     def bucket(self) -> str:
@@ -352,12 +366,27 @@ class LocalRuntime:
             port=s.api_port,
         ).start()
         self.timer.add("start pollers and HTTP API", time.monotonic() - t)
+        if s.web_dist is not None:
+            self._start_web()
         return self
+
+    def _start_web(self) -> None:
+        s, issuer = self.settings, self.issuer
+        config = webapp.app_config(api_base="/api", client_id=issuer.client_id,
+                                   authorize_url=issuer.authorize_url, token_url=issuer.token_url,
+                                   logout_url=None, poll_ms=s.web_poll_ms)
+        headers = security_headers(self.endpoint_url, issuer.base_url)
+        self.web = WebServer(Path(s.web_dist), config, self.api_url, headers, s.host, s.web_port).start()
+        issuer.allow_callback(self.web.url + "/")
+        self.client("s3").put_bucket_cors(Bucket=self.bucket,
+                                          CORSConfiguration=webapp.upload_cors_rules(self.web.url))
 
     def stop(self) -> None:
         if not self._started:
             return
         self._started = False
+        if self.web is not None:
+            self.web.stop()
         if self.api is not None:
             self.api.stop()
         if self.issuer is not None:

@@ -450,10 +450,17 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
         qarn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
         phys[lid] = {"Ref": url, "Arn": qarn, "QueueName": f"{stack_name}-{lid}"}
 
-    (bucket_lid, bucket_spec), = _resources_of(template, "AWS::S3::Bucket").items()
+    # The data bucket is the one with a fixed name; the others (the web app's bucket) are
+    # named by CloudFormation, here after the stack and their logical id.
+    buckets = _resources_of(template, "AWS::S3::Bucket")
+    (bucket_lid, bucket_spec), = ((k, v) for k, v in buckets.items() if "BucketName" in v["Properties"])
     bprops = bucket_spec["Properties"]
     bucket = res.resolve(bprops["BucketName"])
     phys[bucket_lid] = {"Ref": bucket, "Arn": f"arn:aws:s3:::{bucket}"}
+    for lid in set(buckets) - {bucket_lid}:
+        name = f"{stack_name}-{lid.lower()}"
+        phys[lid] = {"Ref": name, "Arn": f"arn:aws:s3:::{name}", "RegionalDomainName":
+                     f"{name}.s3.{REGION}.amazonaws.com"}
 
     for lid, spec in template["Resources"].items():
         kind = spec["Type"]
@@ -466,12 +473,15 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
             name = f"{stack_name}-{lid}"
             phys[lid] = {"Ref": f"arn:aws:sagemaker:{arn}:endpoint/{name.lower()}", "EndpointName": name}
         elif kind == "AWS::Cognito::UserPool":  # no pool locally: its issuer URL names no JWKS (all 401)
-            phys[lid] = {"Ref": f"{REGION}_local"}
+            phys[lid] = {"Ref": f"{REGION}_local",
+                         "Arn": f"arn:aws:cognito-idp:{REGION}:{ACCOUNT}:userpool/{REGION}_local"}
         elif kind == "AWS::Cognito::UserPoolClient":
             phys[lid] = {"Ref": "local"}
 
     s3 = boto3.client("s3", region_name=REGION)
     s3.create_bucket(Bucket=bucket)
+    for lid in set(buckets) - {bucket_lid}:
+        s3.create_bucket(Bucket=phys[lid]["Ref"])
     if bprops.get("VersioningConfiguration", {}).get("Status") == "Enabled":
         s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     queue_configs = []

@@ -99,7 +99,9 @@ def queue_world(limit: int, stand_in: training_job.StandIn, *, max_runtime_s: in
     off) in a
     fresh moto account with IAM enforced, stand-in jobs, and the EventBridge rule running."""
     with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
-        stack = create_local_stack(parameters={"TrainingConcurrency": str(limit)}, MinImages="1",
+        # The bench plans 4 batches per user: the daily batch quota (default 3) would reject the 4th.
+        stack = create_local_stack(parameters={"TrainingConcurrency": str(limit),
+                                               "QuotaTrainingBatchesPerDay": "1000"}, MinImages="1",
                                    QueuePollSeconds=str(poll_s), MaxRuntimeSeconds=str(max_runtime_s),
                                    MaxWaitSeconds=str(2 * max_runtime_s),
                                    PackStyles="0")  # no avatar pack: no endpoint runs here

@@ -838,13 +838,7 @@ def _packs_table():
 
 def _catalogue() -> tuple[styles.Style, ...]:
     """The style catalogue the pack function uses: defaults plus the operator's config/styles.json."""
-    try:
-        body = aws().s3.get_object(Bucket=_env("BUCKET_NAME"), Key=keys.STYLES_OBJECT)["Body"].read()
-    except ClientError as err:
-        if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "AccessDenied", "403"):
-            return styles.load(None)
-        raise
-    return styles.load(body)
+    return styles.load_from_bucket(aws().s3, _env("BUCKET_NAME"))
 
 
 def _sign(key: str, ttl: int) -> str:

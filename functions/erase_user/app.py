@@ -191,13 +191,19 @@ def sweep_packs(user_id: str) -> int:
     """The user's pack rows (their objects are under packs/ and generations/, swept with the
     prefixes). Every pass: a pack execution still running may write its row again, and the
     erasure does not end while one runs."""
-    table = aws().packs
-    rows = list(_pages(table.query, "Items", KeyConditionExpression=Key("user_id").eq(user_id),
-                       ProjectionExpression="pack_id"))
+    return len(_delete_user_rows(aws().packs, user_id, "pack_id"))
+
+
+def _delete_user_rows(table, user_id: str, sort_key: str, rows: list[dict] | None = None) -> list[dict]:
+    """Delete the user's rows of a table keyed (user_id, sort_key); `rows` when the caller
+    already queried them. Returns the rows deleted."""
+    if rows is None:
+        rows = list(_pages(table.query, "Items", KeyConditionExpression=Key("user_id").eq(user_id),
+                           ProjectionExpression="#sort", ExpressionAttributeNames={"#sort": sort_key}))
     with table.batch_writer() as batch:
         for row in rows:
-            batch.delete_item(Key={"user_id": user_id, "pack_id": row["pack_id"]})
-    return len(rows)
+            batch.delete_item(Key={"user_id": user_id, sort_key: row[sort_key]})
+    return rows
 
 
 def sweep_registry(user_id: str, bucket: str) -> tuple[int, int]:
@@ -208,16 +214,10 @@ def sweep_registry(user_id: str, bucket: str) -> tuple[int, int]:
     for row in rows:
         if row.get("training_job"):
             removed += delete_all_versions(bucket, keys.training_prefix(row["training_job"]))
-    with table.batch_writer() as batch:
-        for row in rows:
-            batch.delete_item(Key={"user_id": user_id, "version": row["version"]})
+    _delete_user_rows(table, user_id, "version", rows)
     # The batch status rows (stage, photo file names): written by the same runs, so removed
     # once they are over, like the registry rows.
-    statuses = aws().batches
-    batch_rows = list(_pages(statuses.query, "Items", KeyConditionExpression=Key("user_id").eq(user_id)))
-    with statuses.batch_writer() as batch:
-        for row in batch_rows:
-            batch.delete_item(Key={"user_id": user_id, "batch_id": row["batch_id"]})
+    _delete_user_rows(aws().batches, user_id, "batch_id")
     return removed, len(rows)
 
 
@@ -225,13 +225,7 @@ def sweep_usage(user_id: str) -> int:
     """The user's quota and metering rows (avatarflow.usage). Swept with the registry, once no
     training run is in flight (a run still meters its job). The erased id is refused new work
     while its tombstone lasts (a day after the erasure ends), so this resets no quota early."""
-    table = aws().usage
-    rows = list(_pages(table.query, "Items", KeyConditionExpression=Key("user_id").eq(user_id),
-                       ProjectionExpression="user_id, period"))
-    with table.batch_writer() as batch:
-        for row in rows:
-            batch.delete_item(Key={"user_id": user_id, "period": row["period"]})
-    return len(rows)
+    return len(_delete_user_rows(aws().usage, user_id, "period"))
 
 
 def remove_subscriptions(user_id: str) -> tuple[int, int]:

@@ -65,13 +65,7 @@ def _erased(user_id: str) -> bool:
 
 def _catalogue() -> tuple[styles.Style, ...]:
     """The defaults plus the operator's config/styles.json (absent: 404, or 403 without ListBucket)."""
-    try:
-        body = aws().s3.get_object(Bucket=os.environ["BUCKET_NAME"], Key=keys.STYLES_OBJECT)["Body"].read()
-    except ClientError as err:
-        if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "AccessDenied", "403"):
-            return styles.load(None)
-        raise
-    return styles.load(body)
+    return styles.load_from_bucket(aws().s3, os.environ["BUCKET_NAME"])
 
 
 def _pack_row(user_id: str, pack_id: str) -> dict:

@@ -18,9 +18,10 @@ from collections.abc import Iterable
 from importlib import resources
 from typing import Annotated
 
+from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from avatarflow import moderation
+from avatarflow import keys, moderation
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{1,31}$"
 MAX_STYLES = 50
@@ -133,6 +134,22 @@ def load(extra_text: str | bytes | None = None) -> tuple[Style, ...]:
     if extra_text is None:
         return base
     return merge(base, parse(extra_text, "config/styles.json"))
+
+
+def load_from_bucket(s3, bucket: str) -> tuple[Style, ...]:
+    """The defaults plus the operator's catalogue object (keys.STYLES_OBJECT) in `bucket`;
+    absent (404, or 403 to a role without s3:ListBucket) means the defaults alone.
+
+    Example:
+        >>> load_from_bucket(boto3.client("s3"), "avatarflow-data")  # doctest: +SKIP
+    """
+    try:
+        body = s3.get_object(Bucket=bucket, Key=keys.STYLES_OBJECT)["Body"].read()
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "AccessDenied", "403"):
+            return load(None)
+        raise
+    return load(body)
 
 
 def pick(catalogue: tuple[Style, ...], names: Iterable[str] | None, count: int) -> tuple[Style, ...]:

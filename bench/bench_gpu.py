@@ -488,31 +488,10 @@ def run(args) -> dict:
             )
         os.environ["AVATARFLOW_GPU_BUDGET_GIB"] = a10g_budget
         try:
-            timed(
-                "train_sdxl",
-                train_section,
-                bases["sdxl"],
-                xl_data,
-                steps["xl"],
-                steps["warm"] // 2,
-                rank=16,
-                resolution=xl_px,
-                **common,
-            )
-            timed(
-                "train_sdxl_prior",
-                train_section,
-                bases["sdxl"],
-                xl_data,
-                steps["xl"],
-                steps["warm"] // 2,
-                rank=16,
-                resolution=xl_px,
-                prior_preservation="true",
-                num_class_images=2,
-                class_inference_steps=4,
-                **common,
-            )
+            prior = {"prior_preservation": "true", "num_class_images": 2, "class_inference_steps": 4}
+            for name, extra in (("train_sdxl", {}), ("train_sdxl_prior", prior)):
+                timed(name, train_section, bases["sdxl"], xl_data, steps["xl"], steps["warm"] // 2,
+                      rank=16, resolution=xl_px, **extra, **common)
         finally:
             os.environ.pop("AVATARFLOW_GPU_BUDGET_GIB", None)
 

@@ -20,6 +20,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from avatarflow.training_queue import TrainingQueue
+from avatarflow_local import workflow_stack
 
 REPO = Path(__file__).resolve().parents[1]
 OPS_PYTHON = REPO / ".venv-ops" / "bin" / "python"
@@ -131,21 +132,17 @@ def _training_job(client, name, hyperparameters):
     )
 
 
+def template_table(ddb, name: str, logical_id: str):
+    """The table as template.yaml declares it, under `name` on the moto server."""
+    properties = workflow_stack.load_template()["Resources"][logical_id]["Properties"]
+    workflow_stack.create_table(ddb().meta.client, name, properties)
+    return ddb().Table(name)
+
+
 def test_retrain_repeats_the_batchs_job_with_other_hyperparameters(moto_server, cli):
     _, client, ddb = moto_server
     _training_job(client, "avatar-orig", {"learning_rate": "1e-4", "max_train_steps": "800", "token": "sks"})
-    ddb().create_table(
-        TableName="models",
-        BillingMode="PAY_PER_REQUEST",
-        KeySchema=[
-            {"AttributeName": "user_id", "KeyType": "HASH"},
-            {"AttributeName": "version", "KeyType": "RANGE"},
-        ],
-        AttributeDefinitions=[
-            {"AttributeName": "user_id", "AttributeType": "S"},
-            {"AttributeName": "version", "AttributeType": "S"},
-        ],
-    )
+    template_table(ddb, "models", "ModelsTable")
     ddb().Table("models").put_item(Item={"user_id": "ann", "version": "b1", "training_job": "avatar-orig"})
     done = cli(
         "retrain",
@@ -198,18 +195,7 @@ def test_logs_prints_every_stream_of_the_job(moto_server, cli):
 
 def test_queue_shows_the_running_jobs_and_the_line(moto_server, cli):
     _, _, ddb = moto_server
-    table = ddb().create_table(
-        TableName="queue",
-        BillingMode="PAY_PER_REQUEST",
-        KeySchema=[
-            {"AttributeName": "queue", "KeyType": "HASH"},
-            {"AttributeName": "entry", "KeyType": "RANGE"},
-        ],
-        AttributeDefinitions=[
-            {"AttributeName": "queue", "AttributeType": "S"},
-            {"AttributeName": "entry", "AttributeType": "S"},
-        ],
-    )
+    table = template_table(ddb, "queue", "TrainingQueueTable")
     queue = TrainingQueue(table, 1, 600)
     arn = "arn:aws:states:us-east-1:123456789012:execution:m:"
     assert queue.acquire("ann", "b1", arn + "a").acquired

@@ -404,7 +404,8 @@ def _resources_of(template: dict, kind: str) -> dict[str, dict]:
             "Condition" not in res}
 
 
-def _create_table(ddb, name: str, props: dict) -> None:
+def create_table(ddb, name: str, props: dict) -> None:
+    """A DynamoDB table as the template's Properties describe it (keys, indexes, TTL)."""
     args = {"TableName": name, "BillingMode": props.get("BillingMode", "PAY_PER_REQUEST"),
             "KeySchema": props["KeySchema"], "AttributeDefinitions": props["AttributeDefinitions"]}
     if props.get("GlobalSecondaryIndexes"):
@@ -430,7 +431,7 @@ def create_local_stack(stack_name: str = "avatarflow-local", parameters: dict[st
     ddb = boto3.client("dynamodb", region_name=REGION)
     for lid, spec in _resources_of(template, "AWS::DynamoDB::Table").items():
         name = f"{stack_name}-{lid}"
-        _create_table(ddb, name, spec["Properties"])
+        create_table(ddb, name, spec["Properties"])
         phys[lid] = {"Ref": name, "Arn": f"arn:aws:dynamodb:{arn}:table/{name}"}
 
     sns = boto3.client("sns", region_name=REGION)

@@ -211,8 +211,10 @@ def test_in_process_stack_upload_to_model_ready_to_generation(tmp_path):
             for g in pack_row["generation_ids"]
         ]
         assert len(pack_results) == 2
-        gpu_seconds = sum(r["timings"]["total_ms"] for r in [result, *pack_results]) / 1000
-        assert used["total"]["inference_seconds"] == pytest.approx(gpu_seconds, abs=1e-3)
+        # The meter keeps each generation to the millisecond (usage.record_generation), so the
+        # total is the sum of the rounded seconds, not the rounded sum.
+        gpu_seconds = sum(round(r["timings"]["total_ms"] / 1000, 3) for r in [result, *pack_results])
+        assert used["total"]["inference_seconds"] == pytest.approx(gpu_seconds, abs=1e-9)
         # Images metered: those delivered (the withheld one cost GPU time, counted in seconds);
         # the day's quota counts the 2 requested (packs are not taken from it: see docs).
         delivered = sum(1 for image in result["images"] if image["withheld"] is False)

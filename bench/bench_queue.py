@@ -10,8 +10,9 @@ queue's behaviour depends on the order of events, not on their scale).
 Checks (the run fails otherwise): no execution fails, never more than `limit` jobs at once
 (the stand-in counts them), fair order (no batch of a higher rank -- a user's later batch --
 is granted a slot while a lower-rank batch was already ranked in line and is granted later),
-the queue empty at the end, and no granted slot left idle (slot taken -> task resumed, at most
-5 s). Reports: queue-wait percentiles (the queue's own clock: joined ->
+the queue empty at the end, and no grant missing its waiting task (a wait timing out while
+its batch already held a slot, which would leave the slot idle until the batch asks again).
+Reports: queue-wait percentiles (the queue's own clock: joined ->
 granted, from each AcquireSlot grant), state transitions per batch (the history's
 *StateEntered events: what Step Functions bills), rechecks (AcquireSlot timeouts), and the
 on-paper projection for 10,000 batches a day (--paper) from the measured transitions, a
@@ -159,6 +160,7 @@ def simulate(batches: int, users: int, limit: int, job_s: tuple[float, float], s
         grant = grants[0] if grants else {}
         resumed = [e["timestamp"].timestamp() for e in events if e["type"] == "TaskSucceeded"
                    and '"granted_at"' in e["taskSucceededEventDetails"]["output"]]
+        waits_timed_out = [e["timestamp"].timestamp() for e in events if e["type"] == "TaskTimedOut"]
         job = jobs_of.get((user, batch), {})
         releases = [e["timestamp"].timestamp() for e in entered
                     if e["stateEnteredEventDetails"]["name"] in ("ReleaseSlot", "ReleaseAfterFailure")]
@@ -168,6 +170,7 @@ def simulate(batches: int, users: int, limit: int, job_s: tuple[float, float], s
             "job_ended": job["ended"] + clock if job and job["ended"] else None,
             "released": releases[0] if releases else None,
             "resumed": resumed[0] if resumed else None,
+            "waits_timed_out": waits_timed_out,
             "acquire_events": [e["type"] for e in events if e["type"].startswith(("Task", "Lambda"))
                                and any(a["id"] < e["id"] for a in acquires)
                                and not any(m["id"] < e["id"] for m in entered
@@ -194,9 +197,13 @@ def simulate(batches: int, users: int, limit: int, job_s: tuple[float, float], s
             "max": max(r["transitions"] for r in records),
         },
         "rechecks": sum(r["rechecks"] for r in records),
-        # Slot taken -> the waiting task resumed (SendTaskSuccess, or the next ask of a task
-        # whose token had just expired): how long a granted slot sat idle.
+        # Slot taken -> the waiting task resumed: the emulator's own latency under load (the
+        # grant travels through the Lambda thread and moto's interpreter on 2 shared cores).
         "delivery_lag_seconds": {f"p{q}": round(percentile(lags, q), 2) for q in (50, 99, 100)},
+        # A wait that timed out while its batch already held a slot: the grant did not reach the
+        # waiting task, and the slot sat idle until the batch asked again (QueueRecheckSeconds).
+        "grants_missed": sum(any(t > r["granted_at"] for t in r["waits_timed_out"])
+                             for r in records if r["granted_at"]),
         "records": records,
     }
 
@@ -286,17 +293,18 @@ def paper(measured: dict | None, batches_per_day: int, job_minutes: float, limit
           recheck_seconds: int, users: int, seed: int) -> dict:
     """Per deployment size: waits and instance hours from the model, Step Functions
     transitions from the measured per-batch count (a wait itself costs none; a batch waiting
-    longer than QueueRecheckSeconds re-enters AcquireSlot once per recheck: 1 transition)."""
+    longer than QueueRecheckSeconds asks again once per recheck: AskAgain + AcquireSlot, 2
+    transitions)."""
     prices = json.loads(PRICES.read_text())
     transition_price = prices["step_functions_standard_per_1000_transitions"]["usd"] / 1000
     instance = prices["sagemaker_training_ml.g5.2xlarge_on_demand_per_hour"]
-    base = measured["transitions_per_batch"]["mean"] - measured["rechecks"] / measured["batches"] \
+    base = measured["transitions_per_batch"]["mean"] - 2 * measured["rechecks"] / measured["batches"] \
         if measured else None
     rows = []
     for limit in limits:
         for label, share in (("spread over the day", 0.0), ("30 % in one evening hour", 0.3)):
             model = fair_queue_model(batches_per_day, users, limit, job_minutes, seed, share)
-            rechecks = model["wait_minutes"]["mean"] * 60 / recheck_seconds
+            rechecks = 2 * model["wait_minutes"]["mean"] * 60 / recheck_seconds  # AskAgain + AcquireSlot
             row = {"limit": limit, "arrivals": label, **model,
                    "instance_cost_usd_per_day": round(model["instance_hours"] * instance["usd"], 2),
                    "recheck_transitions_per_batch_mean": round(rechecks, 1)}
@@ -349,8 +357,9 @@ def main() -> int:
         if measured["fairness_violations"] or measured["user_order_violations"]:
             problems.append(f"unfair grants: {measured['fairness_violations'][:5]}"
                             f" {measured['user_order_violations'][:5]}")
-        if measured["delivery_lag_seconds"]["p100"] > 5:
-            problems.append(f"a granted slot sat idle: {measured['delivery_lag_seconds']}")
+        if measured["grants_missed"]:
+            problems.append(f"{measured['grants_missed']} grants missed their waiting task"
+                            " (the slot sat idle until a recheck)")
         if any(measured["queue_left"].values()):
             problems.append(f"queue not empty at the end: {measured['queue_left']}")
         for problem in problems:

@@ -55,39 +55,3 @@ def _one_torch_thread():
     except ImportError:
         return
     torch.set_num_threads(1)
-
-
-# The longest single tests (`pytest --durations`: 40-160 s each under load). xdist's worksteal
-# hands each worker one contiguous slice of the collection and later moves only the ends of
-# slices, so a long test near the end of a slice starts late and the whole run waits for it.
-# Each of these goes to the start of a slice instead: they run from the first second, in
-# parallel. Only the order changes; a name that no longer matches simply keeps its place.
-LONGEST_FIRST = (
-    "tests/test_web_app.py::test_a_user_signs_in_uploads_trains_generates_downloads_and_deletes",
-    "tests/test_bench_gpu.py::test_the_gpu_bench_runs_every_section_on_tiny_models",
-    "tests/test_local_stack.py::test_up_server_with_the_aws_cli_and_plain_http",
-    "tests/test_training.py::test_killed_run_resumes_from_its_checkpoint_and_finishes",
-    "tests/test_memory_plan.py::test_the_meta_pass_counts_what_a_real_step_holds",
-    "tests/test_local_stack.py::test_in_process_stack_upload_to_model_ready_to_generation",
-)
-
-
-@pytest.hookimpl(trylast=True)  # after -m/-k deselection: the slices are cut from what runs
-def pytest_collection_modifyitems(config, items):
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    rank = {nodeid: i for i, nodeid in enumerate(LONGEST_FIRST)}
-    first = sorted((item for item in items if item.nodeid in rank), key=lambda item: rank[item.nodeid])
-    if workers < 2 or not first:
-        return
-    rest = [item for item in items if item.nodeid not in rank]
-    # The slices as worksteal cuts them: each idle worker in turn gets len(pending) // workers_left.
-    sizes, left = [], len(items)
-    for remaining in range(workers, 0, -1):
-        sizes.append(left // remaining)
-        left -= sizes[-1]
-    slices = [first[w::workers] for w in range(workers)]
-    for w, size in enumerate(sizes):
-        take = size - len(slices[w])
-        slices[w] += rest[:take]
-        rest = rest[take:]
-    items[:] = [item for part in slices for item in part] + rest

@@ -3,17 +3,17 @@
 200 batches from 50 users (4 each, arriving in a burst) against TrainingConcurrency 4, through
 avatarflow_local.queue_world: the stack from template.yaml in moto, every handler run as
 Lambda with its role, the real ASL executed by moto's interpreter, and stand-in training jobs
-(training_job.STAND_IN: no torch) of chosen durations. Time is compressed: QueuePollSeconds is
-1 s locally where the template's default is 60 s, so 1 local second stands for 1 minute: a
-job of 2-4 local seconds (the default) stands for a 2-4 minute job at the scale of the poll.
+(training_job.STAND_IN: no torch) of chosen durations (2-4 local seconds by default: the
+queue's behaviour depends on the order of events, not on their scale).
 
 Checks (the run fails otherwise): no execution fails, never more than `limit` jobs at once
 (the stand-in counts them), fair order (no batch of a higher rank -- a user's later batch --
-is granted a slot while a lower-rank batch that was already waiting still waits).
-Reports: queue-wait percentiles (first AcquireSlot -> slot granted, from each execution's
-history), state transitions per batch (the history's *StateEntered events: what Step
-Functions bills), and the on-paper projection for 10,000 batches a day (--paper) from the
-measured transitions, a discrete-event model of the same fair queue, and bench/data/prices.json.
+is granted a slot while a lower-rank batch was already ranked in line and is granted later),
+the queue empty at the end. Reports: queue-wait percentiles (the queue's own clock: joined ->
+granted, from each AcquireSlot grant), state transitions per batch (the history's
+*StateEntered events: what Step Functions bills), rechecks (AcquireSlot timeouts), and the
+on-paper projection for 10,000 batches a day (--paper) from the measured transitions, a
+discrete-event model of the same fair queue, and bench/data/prices.json.
 
     python bench/bench_queue.py [--batches 200 --users 50 --limit 4 --json out/bench_queue.json]
     python bench/bench_queue.py --paper-only --job-minutes 20 --limit 4
@@ -31,6 +31,7 @@ import statistics
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
@@ -134,32 +135,41 @@ def simulate(batches: int, users: int, limit: int, job_s: tuple[float, float], s
         running += step
         most = max(most, running)
 
+    clock = time.time() - time.monotonic()  # the jobs' marks are monotonic
+    jobs_of = {(j["tags"]["avatarflow:user_id"], j["tags"]["avatarflow:batch_id"]): j for j in jobs}
     records = []
     for arn, events in histories.items():
         entered = [e for e in events if e["type"].endswith("StateEntered")]
         acquires = [e for e in entered if e["stateEnteredEventDetails"]["name"] == "AcquireSlot"]
-        granted = [e for e in entered if e["stateEnteredEventDetails"]["name"] == "MarkTraining"]
-        released = [e for e in entered if e["stateEnteredEventDetails"]["name"] == "ReleaseSlot"]
         user, batch = arns[arn]
-        # The first AcquireSlot's answer (the Lambda payload, before the ResultSelector): the
-        # rank the batch joined the line with, and when its waiting entry surely existed.
-        answers = [e for e in events if e["type"] == "TaskSucceeded"
-                   and '"acquired"' in e["taskSucceededEventDetails"].get("output", "")]
-        first = json.loads(answers[0]["taskSucceededEventDetails"]["output"])["Payload"] if answers else {}
+        # The grant the AcquireSlot task resumed with (SendTaskSuccess's output): the rank the
+        # batch joined with and the queue's own times.
+        outputs = [e["taskSucceededEventDetails"]["output"] for e in events if e["type"] == "TaskSucceeded"]
+        grants = [json.loads(out) for out in outputs if '"granted_at"' in out]
+        grant = grants[0] if grants else {}
+        job = jobs_of.get((user, batch), {})
+        releases = [e["timestamp"].timestamp() for e in entered
+                    if e["stateEnteredEventDetails"]["name"] in ("ReleaseSlot", "ReleaseAfterFailure")]
         records.append({
-            "rank": first.get("rank"), "joined": answers[0]["timestamp"].timestamp() if answers else None,
-            "user": user, "batch": batch, "transitions": len(entered), "polls": len(acquires),
-            "enqueued": acquires[0]["timestamp"].timestamp() if acquires else None,
-            "granted": granted[0]["timestamp"].timestamp() if granted else None,
-            "released": released[0]["timestamp"].timestamp() if released else None,
+            "user": user, "batch": batch, "transitions": len(entered), "rechecks": max(0, len(acquires) - 1),
+            "job_started": job["started"] + clock if job else None,
+            "job_ended": job["ended"] + clock if job and job["ended"] else None,
+            "released": releases[0] if releases else None,
+            "acquire_events": [e["type"] for e in events if e["type"].startswith(("Task", "Lambda"))
+                               and any(a["id"] < e["id"] for a in acquires)
+                               and not any(m["id"] < e["id"] for m in entered
+                                           if m["stateEnteredEventDetails"]["name"] == "MarkTraining")],
+            "rank": grant.get("rank"), **{k: _seconds(grant.get(k)) for k in
+                                          ("enqueued_at", "ranked_at", "decided_at", "granted_at")},
         })
-    waits = [r["granted"] - r["enqueued"] for r in records if r["granted"] and r["enqueued"]]
+    waits = [r["granted_at"] - r["enqueued_at"] for r in records if r["granted_at"] and r["enqueued_at"]]
     violations = fairness_violations(records)
     return {
         "batches": len(arrivals), "users": users, "limit": limit, "job_seconds": list(job_s), "seed": seed,
         "start_errors": starter_errors, "statuses": statuses, "failures": failures,
         "peak_running_stand_in": peak,
         "peak_running_from_job_marks": most, "fairness_violations": violations,
+        "user_order_violations": user_order_violations(records),
         "queue_left": {"running": len(snapshot["running"]), "waiting": len(snapshot["waiting"])},
         "wall_seconds": round(wall, 1),
         "queue_wait_seconds": {f"p{q}": round(percentile(waits, q), 1) for q in (50, 90, 95, 99, 100)},
@@ -167,27 +177,45 @@ def simulate(batches: int, users: int, limit: int, job_s: tuple[float, float], s
             "mean": round(statistics.mean(r["transitions"] for r in records), 1),
             "p50": percentile([r["transitions"] for r in records], 50),
             "max": max(r["transitions"] for r in records),
-            "without_queue_polls_mean": round(statistics.mean(
-                r["transitions"] - 3 * (r["polls"] - 1) for r in records), 1),
         },
-        "polls_per_batch": {"mean": round(statistics.mean(r["polls"] for r in records), 1),
-                            "max": max(r["polls"] for r in records)},
+        "rechecks": sum(r["rechecks"] for r in records),
+        "records": records,
     }
 
 
-def fairness_violations(records: list[dict], poll_s: float = 1.0) -> list[dict]:
-    """Batch x granted a slot while batch y of a lower rank (the rank each joined the line
-    with, from the queue's own answer) was already in line, and y then waited on for more
-    than a poll interval (+1 s): y was passed over, not just granted in the same round (when
-    several slots free at once, whoever polls first of the entitled batches takes one)."""
-    queued = [r for r in records if r["joined"] and r["granted"] and r["rank"] is not None]
+def _seconds(iso: str | None) -> float | None:
+    return datetime.fromisoformat(iso).timestamp() if iso else None
+
+
+def fairness_violations(records: list[dict], slack_s: float = 1.0) -> list[dict]:
+    """Batch x granted a slot although batch y of a lower rank (the rank each joined the line
+    with) was already ranked in line when x's dispatcher read the list, and y was granted
+    after x. `slack_s` covers only the time between a timestamp and the write or read it
+    stamps (the rank is stamped just before it is written, the list read just after it is
+    stamped); a dispatcher grants strictly the head of what it read."""
+    queued = [r for r in records if r["granted_at"] and r["ranked_at"] and r["rank"] is not None]
     found = []
     for x in queued:
         for y in queued:
-            waited = y["joined"] < x["granted"]
-            if y["rank"] < x["rank"] and waited and y["granted"] > x["granted"] + poll_s + 1:
+            if y["rank"] < x["rank"] and y["ranked_at"] + slack_s < x["decided_at"] \
+                    and y["granted_at"] > x["granted_at"]:
                 found.append({"granted": f"{x['user']}/{x['batch']} (rank {x['rank']})",
                               "while_waiting": f"{y['user']}/{y['batch']} (rank {y['rank']})"})
+    return found
+
+
+def user_order_violations(records: list[dict]) -> list[str]:
+    """A user's batches are granted in the order they joined."""
+    found = []
+    by_user: dict[str, list[dict]] = {}
+    for r in records:
+        if r["granted_at"] and r["enqueued_at"]:
+            by_user.setdefault(r["user"], []).append(r)
+    for user, mine in by_user.items():
+        granted = [r["batch"] for r in sorted(mine, key=lambda r: r["granted_at"])]
+        joined = [r["batch"] for r in sorted(mine, key=lambda r: r["enqueued_at"])]
+        if granted != joined:
+            found.append(f"{user}: joined {joined}, granted {granted}")
     return found
 
 
@@ -237,26 +265,31 @@ def fair_queue_model(batches_per_day: int, users: int, limit: int, job_minutes: 
 
 
 def paper(measured: dict | None, batches_per_day: int, job_minutes: float, limits: list[int],
-          poll_seconds: int, users: int, seed: int) -> dict:
+          recheck_seconds: int, users: int, seed: int) -> dict:
+    """Per deployment size: waits and instance hours from the model, Step Functions
+    transitions from the measured per-batch count (a wait itself costs none; a batch waiting
+    longer than QueueRecheckSeconds re-enters AcquireSlot once per recheck: 1 transition)."""
     prices = json.loads(PRICES.read_text())
     transition_price = prices["step_functions_standard_per_1000_transitions"]["usd"] / 1000
     instance = prices["sagemaker_training_ml.g5.2xlarge_on_demand_per_hour"]
-    base = measured["transitions_per_batch"]["without_queue_polls_mean"] if measured else None
+    base = measured["transitions_per_batch"]["mean"] - measured["rechecks"] / measured["batches"] \
+        if measured else None
     rows = []
     for limit in limits:
         for label, share in (("spread over the day", 0.0), ("30 % in one evening hour", 0.3)):
             model = fair_queue_model(batches_per_day, users, limit, job_minutes, seed, share)
-            polls = 3 * model["wait_minutes"]["mean"] * 60 / poll_seconds  # 3 transitions per poll
+            rechecks = model["wait_minutes"]["mean"] * 60 / recheck_seconds
             row = {"limit": limit, "arrivals": label, **model,
                    "instance_cost_usd_per_day": round(model["instance_hours"] * instance["usd"], 2),
-                   "poll_transitions_per_batch_mean": round(polls, 1)}
+                   "recheck_transitions_per_batch_mean": round(rechecks, 1)}
             if base is not None:
-                per_batch = base + polls
+                per_batch = base + rechecks
                 row["transitions_per_batch"] = round(per_batch, 1)
                 row["step_functions_usd_per_day"] = round(batches_per_day * per_batch * transition_price, 2)
             rows.append(row)
     needed = math.ceil(batches_per_day * job_minutes / (24 * 60))
-    return {"batches_per_day": batches_per_day, "job_minutes": job_minutes, "poll_seconds": poll_seconds,
+    return {"batches_per_day": batches_per_day, "job_minutes": job_minutes,
+            "recheck_seconds": recheck_seconds,
             "slots_needed_to_keep_up": needed, "instance_price": instance,
             "transition_price_per_1000": prices["step_functions_standard_per_1000_transitions"]["usd"],
             "rows": rows}
@@ -281,8 +314,8 @@ def main() -> int:
     measured = None
     if not args.paper_only:
         measured = simulate(args.batches, args.users, args.limit, tuple(args.job_seconds), args.seed)
-        print(json.dumps(measured, indent=1))
-    projection = paper(measured, args.per_day, args.job_minutes, args.paper_limits, 60, 2000, args.seed)
+        print(json.dumps({k: v for k, v in measured.items() if k != "records"}, indent=1))
+    projection = paper(measured, args.per_day, args.job_minutes, args.paper_limits, 900, 2000, args.seed)
     print(json.dumps(projection, indent=1))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"simulation": measured, "paper": projection}, indent=1))
@@ -292,8 +325,11 @@ def main() -> int:
             problems.append(f"failures: {measured['statuses']} {measured['start_errors'][:3]}")
         if max(measured["peak_running_stand_in"], measured["peak_running_from_job_marks"]) > args.limit:
             problems.append("more jobs at once than the limit")
-        if measured["fairness_violations"]:
-            problems.append(f"unfair grants: {measured['fairness_violations'][:5]}")
+        if measured["fairness_violations"] or measured["user_order_violations"]:
+            problems.append(f"unfair grants: {measured['fairness_violations'][:5]}"
+                            f" {measured['user_order_violations'][:5]}")
+        if measured["rechecks"]:
+            problems.append(f"{measured['rechecks']} grants were not delivered at once (rechecks)")
         if any(measured["queue_left"].values()):
             problems.append(f"queue not empty at the end: {measured['queue_left']}")
         for problem in problems:

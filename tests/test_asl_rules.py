@@ -373,6 +373,19 @@ def test_retry_and_catch_name_only_errors_the_integration_raises():
         assert error in seen and f"class {error}(Exception)" in source and f"raise {error}(" in source
 
 
+def test_no_catch_leads_back_into_its_own_state():
+    """Legal ASL, but moto's interpreter follows such a Catch to the state's Next instead (the
+    queue's AcquireSlot once did: a timed-out wait went on to train without a slot), so the
+    local proof could not check it. A loop goes through a state of its own (AskAgain)."""
+    definition = json.loads(DEFINITION.read_text())
+    looped = [(name, catch["Next"]) for name, state in tasks(definition) for catch in state.get("Catch", [])
+              if catch["Next"] == name]
+    assert looped == []
+    assert definition["States"]["AskAgain"]["Next"] == "AcquireSlot"
+    catches = definition["States"]["AcquireSlot"]["Catch"]
+    assert {c["Next"] for c in catches} == {"AskAgain", "ReleaseAfterFailure"}
+
+
 def test_retries_are_for_transient_errors_only():
     definition = json.loads(render_definition(cloud_substitutions()))
     for name, state in tasks(definition):
@@ -459,7 +472,17 @@ def test_every_task_has_a_timeout_bounded_by_the_template():
         if not waits_for_heartbeats:
             assert "HeartbeatSeconds" not in state and "HeartbeatSecondsPath" not in state, \
                 f"{name}: {resource} sends no heartbeats"
-        if resource == "arn:aws:states:::lambda:invoke.waitForTaskToken":
+        if resource == "arn:aws:states:::lambda:invoke.waitForTaskToken" and "TimeoutSecondsPath" in state:
+            # The training queue's wait: the deployment's QueueRecheckSeconds (Init reads it), which
+            # must outlast the function's own run (its invocation is part of the task) and a day at most.
+            assert state["TimeoutSecondsPath"] == "$.queue_recheck", name
+            init = json.loads(DEFINITION.read_text())["States"]["Init"]["Parameters"]
+            assert init["queue_recheck.$"] == "States.StringToJson('${QueueRecheckSeconds}')"
+            bounds = template["Parameters"]["QueueRecheckSeconds"]
+            key = re.fullmatch(r"\$\{(\w+)\}", raw[name]["Parameters"]["FunctionName"]).group(1)
+            low, high = bounds["MinValue"], bounds["MaxValue"]
+            assert function_timeouts[key] + 30 <= low <= bounds["Default"] <= high <= 86400, name
+        elif resource == "arn:aws:states:::lambda:invoke.waitForTaskToken":
             # Bounded by the wait for the callback, not by the function's run.
             assert 0 < state["TimeoutSeconds"] <= PACK_ROUND_BOUND_S, name
         elif resource == "arn:aws:states:::lambda:invoke":

@@ -59,6 +59,7 @@ def _acquire(stack, user, batch):
             "batch_id": batch,
             "execution_arn": EXECUTION + f"{user}-{batch}",
             "training_job": "avatar-1",
+            "task_token": f"token-{user}-{batch}",
         },
     )
 
@@ -119,7 +120,7 @@ def test_a_batch_from_upload_to_ready(stack):
             "execution_arn": EXECUTION + "bob-b1",
         },
     )
-    assert _acquire(stack, "alice", "b1")["acquired"] is True
+    # The release handed the freed slot to alice, the head of the line (her waiting task resumed).
     status, view = _get(stack, "/users/alice/batches/b1")
     assert view["stage"] == "training" and view["queue"] is None
     assert view["training"] == {"step": None, "total_steps": 800}  # TrainingSteps' default

@@ -19,7 +19,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from avatarflow.training_queue import TrainingQueue
+from avatarflow.training_queue import Delivery, TrainingQueue
 from avatarflow_local import workflow_stack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,15 +196,16 @@ def test_logs_prints_every_stream_of_the_job(moto_server, cli):
 def test_queue_shows_the_running_jobs_and_the_line(moto_server, cli):
     _, _, ddb = moto_server
     table = template_table(ddb, "queue", "TrainingQueueTable")
-    queue = TrainingQueue(table, 1, 600)
+    queue = TrainingQueue(table, 1, 600, deliver=lambda grant: Delivery.DELIVERED)
     arn = "arn:aws:states:us-east-1:123456789012:execution:m:"
-    assert queue.acquire("ann", "b1", arn + "a").acquired
-    assert not queue.acquire("bob", "b1", arn + "b").acquired
+    assert queue.acquire("ann", "b1", arn + "a", "token-a").acquired
+    assert not queue.acquire("bob", "b1", arn + "b", "token-b").acquired
     done = cli("queue", "--table", "queue", "--limit", "1")
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout)
     assert [r["user_id"] for r in shown["running"]] == ["ann"]
     assert [(w["position"], w["user_id"]) for w in shown["waiting"]] == [(1, "bob")]
+    assert "token-" not in done.stdout  # a task token resumes the execution: never shown
 
 
 def _endpoint(client, name):

@@ -1,7 +1,8 @@
 """The training queue in the real state machine, with stand-in training jobs
 (avatarflow_local.queue_world: the stack from template.yaml, no torch, chosen durations; the
-EventBridge rule delivered locally): past the limit batches wait and all finish in fair
-order; a failed, a timed-out and a stopped execution each free their slot (the stopped one
+EventBridge rule delivered locally): past the limit batches wait (resumed by their grant's
+task token) and all finish in fair order; a wait that times out asks again and keeps its
+place; a failed, a timed-out and a stopped execution each free their slot (the stopped one
 only through the template's cleanup rule); a refused CreateTrainingJob (ResourceLimitExceeded,
 throttling) waits instead of failing the batch."""
 
@@ -123,3 +124,39 @@ def test_failed_timed_out_and_stopped_executions_each_release_their_slot():
         assert training_job.peak_running() == 1
         assert queue.snapshot()["running"] == [] and queue.snapshot()["waiting"] == []
         assert world.batch_row("u1", "slow")["stage"] == "failed"
+
+
+def test_a_wait_that_times_out_asks_again_and_never_trains_without_its_grant():
+    """QueueRecheckSeconds 2: bob's wait times out (at least once) while ann trains; each time
+    he asks again with a new token and keeps his place. When ann's slot frees, the grant goes to
+    whichever token is current (a stale one is refused as AWS refuses it: moto_strict; the slot
+    then stays his until he asks again), and he trains only after ann, never beside her."""
+    bob_asked_again = threading.Event()  # ann's job runs until then
+    stand_in = training_job.StandIn(duration_s=lambda r: 0.5 if bob_asked_again.wait(60) else 0)
+    before = len(training_job.JOBS)
+    with queue_world(1, stand_in, recheck_s=2) as world:
+        ann = world.start("ann", "b1")
+        world.wait_for(lambda: world.queue().snapshot()["running"], what="ann training")
+        bob = world.start("bob", "b1")
+
+        def entered(arn):
+            events = world.sfn.get_execution_history(executionArn=arn, maxResults=1000)["events"]
+            return [e["stateEnteredEventDetails"]["name"] for e in events
+                    if e["type"].endswith("StateEntered")]
+
+        world.wait_for(lambda: "AskAgain" in entered(bob), what="bob's wait timing out")
+        bob_asked_again.set()
+        done = world.wait([ann, bob], timeout=120)
+        assert {d["status"] for d in done.values()} == {"SUCCEEDED"}
+        assert training_job.peak_running() == 1
+        jobs = {j["tags"]["avatarflow:user_id"]: j for j in training_job.JOBS[before:]}
+        assert jobs["bob"]["started"] >= jobs["ann"]["ended"]
+        names = entered(bob)
+        asks = names.count("AcquireSlot")
+        assert asks >= 2 and names.count("AskAgain") == asks - 1
+        assert names.index("MarkTraining") > max(i for i, n in enumerate(names) if n == "AcquireSlot")
+        events = world.sfn.get_execution_history(executionArn=bob, maxResults=1000)["events"]
+        timed_out = [e["taskTimedOutEventDetails"]["error"] for e in events if e["type"] == "TaskTimedOut"]
+        assert timed_out == ["States.Timeout"] * (asks - 1)
+        assert world.queue().snapshot()["running"] == [] and world.queue().snapshot()["waiting"] == []
+        assert world.batch_row("bob", "b1")["stage"] in ("registering", "ready")

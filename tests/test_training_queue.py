@@ -1,10 +1,8 @@
-"""The training capacity queue (functions/training_queue, avatarflow.training_queue): the
-semaphore and its fair order one call at a time (unit tier: template-built stack, the
-function run as Lambda with its role), then the real state machine with stand-in training
-jobs (avatarflow_local.queue_world: no torch; e2e): the limit holds and every batch
-finishes, a failed, a timed-out and a stopped execution each free their slot (the stopped
-one through the template's EventBridge rule, delivered locally), fairness across users, and
-a refused CreateTrainingJob (ResourceLimitExceeded, throttling) waits instead of failing."""
+"""The training capacity queue (functions/training_queue, avatarflow.training_queue), one call
+at a time (unit tier: template-built stack, the function run as Lambda with its role): the
+semaphore, its fair order, grants handed to the waiting task's token (SendTaskSuccess,
+recorded here; the real state machine resuming on them is tests/test_queue_workflow.py), a
+grant whose token went stale, the cleanup rule, and what a join costs."""
 
 import json
 import time
@@ -12,10 +10,12 @@ import time
 import boto3
 import pytest
 import unit_stack
+from botocore.exceptions import ClientError
 
 from avatarflow import notifications
 from avatarflow.training_queue import (
     PROVISIONAL_RANK,
+    Delivery,
     TrainingQueue,
     Waiting,
     estimate_wait,
@@ -65,10 +65,15 @@ def test_estimated_wait_follows_the_slots_as_they_free():
 
 
 # --------------------------------------------------------------------------- one call at a time
-def _acquire(stack, user, batch):
+def _token(user, batch):
+    return f"token-{user}-{batch}"
+
+
+def _acquire(stack, user, batch, token=None):
     return stack.call("training_queue", {"action": "acquire", "user_id": user, "batch_id": batch,
                                          "execution_arn": _arn(f"{user}-{batch}"),
-                                         "training_job": "avatar-x"})
+                                         "training_job": f"avatar-{user}-{batch}",
+                                         "task_token": token or _token(user, batch)})
 
 
 def _release(stack, user, batch, outcome="trained"):
@@ -81,35 +86,113 @@ def _batch(stack, user, batch):
     return table.get_item(Key={"user_id": user, "batch_id": batch}).get("Item")
 
 
-def test_the_limit_holds_and_a_release_lets_the_next_in(stack):
+class Grants:
+    """The function's SendTaskSuccess calls, recorded (the unit tier runs no executions):
+    `delivered` lists (token, output). A token in `stale` is answered as Step Functions
+    answers a token nobody waits on any more; DescribeExecution then reports
+    `statuses[execution_arn]`, or asks moto (as the function's role: IAM enforced), which
+    knows no such execution."""
+
+    def __init__(self, sfn):
+        self.delivered: list[tuple[str, dict]] = []
+        self.stale: set[str] = set()
+        self.statuses: dict[str, str] = {}
+        self.described: list[str] = []
+        self._describe = sfn.describe_execution
+
+    def send_task_success(self, taskToken, output):  # noqa: N803 - boto3's parameter names
+        if taskToken in self.stale:
+            raise ClientError({"Error": {"Code": "TaskTimedOut", "Message": "Task Timed Out"}},
+                              "SendTaskSuccess")
+        self.delivered.append((taskToken, json.loads(output)))
+        return {}
+
+    def describe_execution(self, executionArn):  # noqa: N803
+        self.described.append(executionArn)
+        if executionArn in self.statuses:
+            return {"executionArn": executionArn, "status": self.statuses[executionArn]}
+        return self._describe(executionArn=executionArn)
+
+    def tokens(self) -> list[str]:
+        return [token for token, _ in self.delivered]
+
+
+@pytest.fixture
+def grants(stack, monkeypatch):
+    sfn = stack.module("training_queue").aws().sfn
+    recorder = Grants(sfn)
+    monkeypatch.setattr(sfn, "send_task_success", recorder.send_task_success)
+    monkeypatch.setattr(sfn, "describe_execution", recorder.describe_execution)
+    return recorder
+
+
+def test_the_limit_holds_and_a_release_hands_the_slot_to_the_next(stack, grants):
     # TrainingConcurrency's default (2) reaches the function through its template environment.
     assert stack.hook.specs["training_queue"].environment["TRAINING_CONCURRENCY"] == "2"
     assert _acquire(stack, "ann", "b1")["acquired"] is True
     assert _acquire(stack, "bob", "b1")["acquired"] is True
+    assert grants.tokens() == [_token("ann", "b1"), _token("bob", "b1")]  # each resumed by its grant
     third = _acquire(stack, "cy", "b1")
     assert third["acquired"] is False and third["position"] == 1 and third["estimated_wait_seconds"] > 0
-    assert _batch(stack, "cy", "b1")["stage"] == "queued"
-    assert _acquire(stack, "ann", "b1")["acquired"] is True  # a holder asking again still holds
-    assert _acquire(stack, "cy", "b1")["acquired"] is False  # still full
-    assert _release(stack, "ann", "b1") == {"released": True, "dropped_waiting": 0}
-    assert _release(stack, "ann", "b1") == {"released": False, "dropped_waiting": 0}  # idempotent
-    assert _batch(stack, "ann", "b1")["stage"] == "registering"
-    assert _acquire(stack, "cy", "b1")["acquired"] is True
+    assert _batch(stack, "cy", "b1")["stage"] == "queued" and len(grants.delivered) == 2
+    assert _release(stack, "ann", "b1") == {"released": True, "dropped_waiting": 0, "granted": 1}
+    # The release resumed cy's waiting task at once: nobody polls.
+    token, output = grants.delivered[-1]
+    assert token == _token("cy", "b1") and output["acquired"] is True and output["rank"] == 0
     assert _batch(stack, "cy", "b1")["stage"] == "training"
+    assert _batch(stack, "cy", "b1")["training_job"] == "avatar-cy-b1"
+    assert _batch(stack, "ann", "b1")["stage"] == "registering"
+    assert _release(stack, "ann", "b1") == {"released": False, "dropped_waiting": 0, "granted": 0}
+    # A holder asking again (its task timed out before the grant arrived) is handed it at once.
+    assert _acquire(stack, "cy", "b1", token="token-cy-b1-again")["acquired"] is True
+    assert grants.tokens()[-1] == "token-cy-b1-again"
+    assert _acquire(stack, "dan", "b1")["acquired"] is False  # still two holders: bob and cy
 
 
-def test_a_free_slot_goes_to_the_head_of_the_fair_order_not_to_whoever_asks(stack):
+def test_a_free_slot_goes_to_the_head_of_the_fair_order_not_to_whoever_asks(stack, grants):
     for user in ("ann", "bob"):
         assert _acquire(stack, user, "b1")["acquired"] is True
     assert _acquire(stack, "ann", "b2")["position"] == 1  # ann's second, first in line for now
     assert _acquire(stack, "cy", "b1")["position"] == 1  # cy's first goes ahead of ann's second
     _release(stack, "bob", "b1")
-    assert _acquire(stack, "ann", "b2")["acquired"] is False  # asks first, is not first
-    assert _acquire(stack, "cy", "b1")["acquired"] is True
+    assert grants.tokens()[-1] == _token("cy", "b1")
+    # ann's second asking again (a recheck) is still not first: the slot is taken.
+    assert _acquire(stack, "ann", "b2", token="token-ann-b2-again") == {
+        "acquired": False, "position": None, "estimated_wait_seconds": None, "rank": 1}
+    _release(stack, "ann", "b1")
+    assert grants.tokens()[-1] == "token-ann-b2-again"  # the renewed token gets the grant
 
 
-def test_the_cleanup_rule_frees_a_stopped_execution_and_drops_a_waiting_one(stack):
-    for user in ("ann", "bob", "cy"):
+def test_a_stale_token_keeps_the_slot_for_a_running_execution_and_frees_it_for_an_ended_one(stack, grants):
+    _acquire(stack, "ann", "b1")
+    _acquire(stack, "bob", "b1")
+    _acquire(stack, "cy", "b1")  # waits
+    _acquire(stack, "dan", "b1")  # waits behind cy
+    # cy's task timed out just as the slot freed (it is RUNNING and will ask again): the slot stays
+    # cy's, and cy's next ask is granted at once; dan still waits.
+    grants.stale, grants.statuses = {_token("cy", "b1")}, {_arn("cy-b1"): "RUNNING"}
+    assert _release(stack, "ann", "b1")["granted"] == 1
+    queue = TrainingQueue(boto3.resource("dynamodb").Table(
+        stack.resources.physical["TrainingQueueTable"]["Ref"]), 2, 600)
+    assert _arn("cy-b1") in queue.lock()["holders"] and _token("cy", "b1") not in grants.tokens()
+    assert _acquire(stack, "cy", "b1", token="token-cy-b1-2")["acquired"] is True
+    assert grants.tokens()[-1] == "token-cy-b1-2"
+    # dan's execution ended while waiting and its cleanup event has not arrived yet (here it is
+    # gone altogether: moto's ExecutionDoesNotExist, asked as the function's role): the grant
+    # gives the slot back and hands it to the next (eve).
+    _acquire(stack, "eve", "b1")
+    grants.stale, grants.statuses = {_token("dan", "b1")}, {}
+    assert _release(stack, "bob", "b1")["granted"] == 2
+    assert grants.described == [_arn("cy-b1"), _arn("dan-b1")]
+    role = stack.hook.specs["training_queue"].role_arn.rsplit("/", 1)[1]
+    assert (role, "states:DescribeExecution") in stack.enforcer.allowed
+    assert grants.tokens()[-1] == _token("eve", "b1")
+    assert set(queue.lock()["holders"]) == {_arn("cy-b1"), _arn("eve-b1")}
+    assert queue.snapshot()["waiting"] == []
+
+
+def test_the_cleanup_rule_frees_a_stopped_execution_and_drops_a_waiting_one(stack, grants):
+    for user in ("ann", "bob", "cy", "dan"):
         _acquire(stack, user, "b1")
 
     def status_event(user, status):
@@ -119,16 +202,29 @@ def test_the_cleanup_rule_frees_a_stopped_execution_and_drops_a_waiting_one(stac
                 "detail": {"executionArn": _arn(f"{user}-b1"), "stateMachineArn": MACHINE, "status": status,
                            "name": f"{user}-b1", "input": json.dumps({"user_id": user, "batch_id": "b1"})}}
 
-    assert stack.call("training_queue", status_event("ann", "RUNNING")) == {"released": False,
-                                                                              "dropped_waiting": 0}
-    assert stack.call("training_queue", status_event("ann", "ABORTED"))["released"] is True
-    assert stack.call("training_queue", status_event("cy", "TIMED_OUT")) == {"released": False,
-                                                                              "dropped_waiting": 1}
+    assert stack.call("training_queue", status_event("ann", "RUNNING")) == {
+        "released": False, "dropped_waiting": 0, "granted": 0}
+    assert stack.call("training_queue", status_event("cy", "TIMED_OUT")) == {
+        "released": False, "dropped_waiting": 1, "granted": 0}
+    assert stack.call("training_queue", status_event("ann", "ABORTED")) == {
+        "released": True, "dropped_waiting": 0, "granted": 1}
+    assert grants.tokens()[-1] == _token("dan", "b1")  # cy left the line: dan was next
     assert _batch(stack, "ann", "b1")["stage"] == "failed" and _batch(stack, "cy", "b1")["stage"] == "failed"
     other = status_event("bob", "FAILED")
     other["detail"]["stateMachineArn"] = MACHINE + "-other"
     with pytest.raises(ValueError, match="another state machine"):
         stack.call("training_queue", other)
+
+
+def test_bad_calls_are_refused_with_a_reason(stack, grants):
+    good = {"action": "acquire", "user_id": "ann", "batch_id": "b1", "execution_arn": _arn("ann-b1"),
+            "training_job": "avatar-1", "task_token": "t"}
+    for change, reason in (({"task_token": ""}, "task_token"), ({"task_token": "x" * 1025}, "task_token"),
+                           ({"execution_arn": "arn:aws:s3:::bucket"}, "execution_arn"),
+                           ({"user_id": "../eve"}, "user_id"), ({"action": "grab"}, "action")):
+        with pytest.raises(ValueError, match=reason):
+            stack.call("training_queue", {**good, **change})
+    assert grants.delivered == [] and _batch(stack, "ann", "b1") is None
 
 
 def test_the_template_rule_matches_only_executions_that_end_without_releasing(stack):
@@ -152,45 +248,51 @@ def test_the_queued_email_gives_place_and_wait_in_plain_words():
     assert "about 3 hours" in notifications.queued("ann", "b7", 40, 3 * 3600)["message"]
 
 
+def _queue(stack, limit, delivered):
+    table = boto3.resource("dynamodb").Table(stack.resources.physical["TrainingQueueTable"]["Ref"])
+
+    def deliver(grant):
+        delivered.append(grant.waiting.execution_arn)
+        return Delivery.DELIVERED
+
+    return TrainingQueue(table, limit, 600, deliver=deliver)
+
+
 def test_two_batches_of_one_user_joining_at_once_never_both_rank_first(stack):
     """The race the workflow test once lost: ann's b1 has written its waiting entry but not yet
     ranked it (another Lambda, mid-call) when b2 joins. b2 must count b1; b1, ranking itself
     after, must not count b2 (b2's entry is later)."""
-    table = boto3.resource("dynamodb").Table(stack.resources.physical["TrainingQueueTable"]["Ref"])
-    queue = TrainingQueue(table, 1, 600)
-    assert queue.acquire("zed", "b0", _arn("zed-b0")).acquired  # the one slot is taken
-    table.put_item(Item={"queue": "waiting", "entry": _arn("ann-b1"),
-                         "user_id": "ann", "batch_id": "b1", "execution_arn": _arn("ann-b1"),
-                         "enqueued_at": "2000-01-01T00:00:00.000+00:00", "rank": PROVISIONAL_RANK})
-    assert queue.acquire("ann", "b2", _arn("ann-b2")).rank == 1
-    assert queue.acquire("bob", "b1", _arn("bob-b1")).rank == 0
+    delivered: list[str] = []
+    queue = _queue(stack, 1, delivered)
+    assert queue.acquire("zed", "b0", _arn("zed-b0"), "t0").acquired  # the one slot is taken
+    queue.table.put_item(Item={"queue": "waiting", "entry": _arn("ann-b1"),
+                               "user_id": "ann", "batch_id": "b1", "execution_arn": _arn("ann-b1"),
+                               "enqueued_at": "2000-01-01T00:00:00.000+00:00", "rank": PROVISIONAL_RANK})
+    assert queue.acquire("ann", "b2", _arn("ann-b2"), "t2").rank == 1
+    assert queue.acquire("bob", "b1", _arn("bob-b1"), "t3").rank == 0
     # bob's first goes before ann's second; ann's first (still provisional) sorts last for now.
     assert [w.execution_arn for w in fair_order(queue.waiting())][:2] == [_arn("bob-b1"), _arn("ann-b2")]
+    assert delivered == [_arn("zed-b0")]
 
 
-def test_a_poll_with_no_free_slot_reads_two_items_and_never_the_waiting_list(stack):
-    """~190 executions poll at once under load: a poll that cannot be granted must not cost
-    O(waiting). Counted at the client: the waiting list is the only Query the queue makes."""
-    table = boto3.resource("dynamodb").Table(stack.resources.physical["TrainingQueueTable"]["Ref"])
-    queue = TrainingQueue(table, 1, 600)
+def test_a_join_with_every_slot_taken_reads_the_list_once_and_takes_nothing(stack):
+    """~200 batches join in a burst: a join costs one list read (its rank and place) and a
+    dispatch that finds no free slot stops at the lock item. Counted at the client."""
+    delivered: list[str] = []
+    queue = _queue(stack, 1, delivered)
     calls: list[str] = []
-    table.meta.client.meta.events.register("before-call.dynamodb",
-                                           lambda model, **_: calls.append(model.name))
-    assert queue.acquire("zed", "b0", _arn("zed-b0")).acquired
-    first = queue.acquire("ann", "b1", _arn("ann-b1"))  # joins: reads the list once for rank and place
-    assert (first.acquired, first.position, first.first_time) == (False, 1, True)
-    queue.acquire("bob", "b1", _arn("bob-b1"))
+    queue.table.meta.client.meta.events.register("before-call.dynamodb",
+                                                 lambda model, **_: calls.append(model.name))
+    assert queue.acquire("zed", "b0", _arn("zed-b0"), "t0").acquired
+    queue.acquire("ann", "b1", _arn("ann-b1"), "t1")
     calls.clear()
-    again = queue.acquire("ann", "b1", _arn("ann-b1"))
-    assert (again.acquired, again.first_time, again.rank) == (False, False, 0)
-    assert calls == ["GetItem", "GetItem"]  # the lock item and its own entry: no Query, no write
+    place = queue.acquire("bob", "b1", _arn("bob-b1"), "t2")
+    assert (place.acquired, place.position, place.first_time) == (False, 2, True)
+    assert calls.count("Query") == 1 and "TransactWriteItems" not in calls
     assert queue.place_of(_arn("bob-b1")).position == 2  # the API's place, computed on demand
-    # A free slot: the poll reads the list and the slot goes to the head of the fair order.
-    queue.release(_arn("zed-b0"), trained=True)
-    calls.clear()
-    assert queue.acquire("bob", "b1", _arn("bob-b1")).acquired is False  # not first in line
-    assert "Query" in calls
-    assert queue.acquire("ann", "b1", _arn("ann-b1")).acquired is True
-    assert queue.acquire("bob", "b1", _arn("bob-b1")).position is None  # full again: O(1)
-    assert queue.release(_arn("bob-b1")) == {"released": False, "dropped_waiting": 1}
-    assert queue.snapshot()["waiting"] == []
+    # A release hands the slot to the head (ann) in the same call; bob's own release drops him.
+    assert queue.release(_arn("zed-b0"), trained=True) == {
+        "released": True, "dropped_waiting": 0, "granted": 1}
+    assert delivered == [_arn("zed-b0"), _arn("ann-b1")]
+    assert queue.release(_arn("bob-b1")) == {"released": False, "dropped_waiting": 1, "granted": 0}
+    assert queue.snapshot()["waiting"] == [] and queue.mean_job_seconds() < 600

@@ -1,31 +1,37 @@
 """training_queue: the training capacity queue's one function (avatarflow.training_queue).
 
 Three callers, one table:
-  * the state machine's AcquireSlot task: {"action": "acquire", "user_id", "batch_id",
-    "execution_arn", "training_job"} -> {"acquired", "position", "estimated_wait_seconds"}
-    (position and estimate are null on a poll that found no free slot: that poll reads two
-    items, never the waiting list; GET /users/{u}/batches/{id} computes the place on demand);
-    the state machine waits QueuePollSeconds and asks again while `acquired` is false. The
-    first time a batch has to wait, the user gets the MODEL_QUEUED email (place, estimate).
+  * the state machine's AcquireSlot task (`lambda:invoke.waitForTaskToken`): {"action":
+    "acquire", "user_id", "batch_id", "execution_arn", "training_job", "task_token"}. The
+    batch joins the fair waiting list with its token and the queue dispatches; the task
+    resumes when a grant is delivered to the token (SendTaskSuccess, here or in a later
+    release), so a waiting batch spends no state transitions. The invocation's own answer
+    ({"acquired", "position", "estimated_wait_seconds"}) is for logs and tests; the first
+    time a batch has to wait, the user gets the MODEL_QUEUED email (place, estimate). The task
+    times out after QueueRecheckSeconds and asks again (a new token): the safety net for a
+    grant whose delivery failed.
   * its ReleaseSlot tasks: {"action": "release", "execution_arn", "user_id", "batch_id",
     "outcome": "trained" | "failed"} after the training job (any ending) and on every
-    failure path;
+    failure path; the freed slot goes to the head of the line at once;
   * the EventBridge rule on "Step Functions Execution Status Change" (FAILED, TIMED_OUT,
     ABORTED) of the training state machine: the cleanup path for an execution that ended
     without releasing (stopped by an operator, timed out, a States.Runtime failure).
 Release is idempotent, so the workflow's own release and the rule may both run.
 """
 
+import functools
 import json
 import os
+from types import SimpleNamespace
 
 import boto3
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
+from botocore.exceptions import ClientError
 
 from avatarflow import batches, erasure, notifications
 from avatarflow.ids import validate_id
-from avatarflow.training_queue import TrainingQueue
+from avatarflow.training_queue import Delivery, Grant, TrainingQueue
 from avatarflow.workflow import MODEL_QUEUED
 
 logger = Logger()
@@ -34,16 +40,25 @@ metrics = Metrics()
 
 STATUS_CHANGE = "Step Functions Execution Status Change"
 ENDED_WITHOUT_RELEASE = ("FAILED", "TIMED_OUT", "ABORTED")
+# SendTaskSuccess's answers for a token nobody waits on any more.
+STALE_TOKEN = ("TaskTimedOut", "TaskDoesNotExist", "InvalidToken")
+MAX_TOKEN_LENGTH = 1024  # Step Functions' limit on a task token
+
+
+@functools.cache
+def aws() -> SimpleNamespace:
+    return SimpleNamespace(dynamodb=boto3.resource("dynamodb"), sns=boto3.client("sns"),
+                           sfn=boto3.client("stepfunctions"))
 
 
 def _queue() -> TrainingQueue:
-    ddb = boto3.resource("dynamodb")
-    return TrainingQueue(ddb.Table(os.environ["QUEUE_TABLE"]), int(os.environ["TRAINING_CONCURRENCY"]),
-                         60 * float(os.environ["TRAINING_ESTIMATE_MINUTES"]))
+    table = aws().dynamodb.Table(os.environ["QUEUE_TABLE"])
+    return TrainingQueue(table, int(os.environ["TRAINING_CONCURRENCY"]),
+                         60 * float(os.environ["TRAINING_ESTIMATE_MINUTES"]), deliver=deliver)
 
 
 def _batches():
-    return boto3.resource("dynamodb").Table(os.environ["BATCHES_TABLE"])
+    return aws().dynamodb.Table(os.environ["BATCHES_TABLE"])
 
 
 def _execution_arn(value: object) -> str:
@@ -53,11 +68,45 @@ def _execution_arn(value: object) -> str:
     return value
 
 
+def _task_token(value: object) -> str:
+    if not (isinstance(value, str) and 0 < len(value) <= MAX_TOKEN_LENGTH):
+        raise ValueError("task_token must be the AcquireSlot task's token")
+    return value
+
+
+def deliver(grant: Grant) -> Delivery:
+    """Resume the granted execution's AcquireSlot task. A stale token (the task timed out and
+    will ask again, or the execution ended) is told apart with DescribeExecution: a running
+    execution finds its slot when it asks again; an ended one gives the slot back."""
+    waiting = grant.waiting
+    try:
+        aws().sfn.send_task_success(taskToken=waiting.task_token, output=json.dumps(grant.output))
+    except ClientError as err:
+        if err.response["Error"]["Code"] not in STALE_TOKEN:
+            raise
+        try:
+            status = aws().sfn.describe_execution(executionArn=waiting.execution_arn)["status"]
+        except ClientError as described:
+            if described.response["Error"]["Code"] != "ExecutionDoesNotExist":
+                raise
+            status = "GONE"
+        # The code only: the message may quote the token, which resumes the execution.
+        logger.info("grant not delivered",
+                    extra={"execution_status": status, "error": err.response["Error"]["Code"]})
+        if status != "RUNNING":
+            return Delivery.ENDED
+        return Delivery.RECHECK
+    batches.set_stage(_batches(), waiting.user_id, waiting.batch_id, batches.TRAINING,
+                      execution_arn=waiting.execution_arn, training_job=waiting.training_job)
+    metrics.add_metric(name="SlotsAcquired", unit=MetricUnit.Count, value=1)
+    return Delivery.DELIVERED
+
+
 def _tell_queued(user_id: str, batch_id: str, position: int, wait: int) -> None:
-    if erasure.is_erased(boto3.resource("dynamodb").Table(os.environ["ERASURES_TABLE"]), user_id):
+    if erasure.is_erased(aws().dynamodb.Table(os.environ["ERASURES_TABLE"]), user_id):
         return
     text = notifications.queued(user_id, batch_id, position, wait)
-    boto3.client("sns").publish(
+    aws().sns.publish(
         TopicArn=os.environ["TOPIC_ARN"], Subject=text["subject"], Message=text["message"],
         MessageAttributes={"user_id": {"DataType": "String", "StringValue": user_id},
                            "event": {"DataType": "String", "StringValue": MODEL_QUEUED}})
@@ -67,12 +116,9 @@ def acquire(event: dict) -> dict:
     user_id = validate_id(event.get("user_id"), "user_id")
     batch_id = validate_id(event.get("batch_id"), "batch_id")
     arn = _execution_arn(event.get("execution_arn"))
-    place = _queue().acquire(user_id, batch_id, arn)
-    if place.acquired:
-        batches.set_stage(_batches(), user_id, batch_id, batches.TRAINING, execution_arn=arn,
-                          training_job=str(event.get("training_job") or ""))
-        metrics.add_metric(name="SlotsAcquired", unit=MetricUnit.Count, value=1)
-    elif place.first_time:  # later polls leave the row alone (already "queued"): a poll stays O(1)
+    token = _task_token(event.get("task_token"))
+    place = _queue().acquire(user_id, batch_id, arn, token, str(event.get("training_job") or ""))
+    if not place.acquired and place.first_time:  # asking again after a recheck: already "queued"
         batches.set_stage(_batches(), user_id, batch_id, batches.QUEUED, execution_arn=arn)
         metrics.add_metric(name="BatchesQueued", unit=MetricUnit.Count, value=1)
         _tell_queued(user_id, batch_id, place.position, place.estimated_wait_seconds)
@@ -95,7 +141,7 @@ def _on_status_change(event: dict) -> dict:
     detail = event.get("detail") or {}
     status = detail.get("status")
     if status not in ENDED_WITHOUT_RELEASE:
-        return {"released": False, "dropped_waiting": 0}
+        return {"released": False, "dropped_waiting": 0, "granted": 0}
     if detail.get("stateMachineArn") != os.environ["STATE_MACHINE_ARN"]:
         raise ValueError("status change of another state machine")
     arn = _execution_arn(detail.get("executionArn"))

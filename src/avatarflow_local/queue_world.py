@@ -40,7 +40,7 @@ class QueueWorld:
 
     def queue(self) -> TrainingQueue:
         table = boto3.resource("dynamodb").Table(self.stack.physical["TrainingQueueTable"]["Ref"])
-        return TrainingQueue(table, self.limit, 60)
+        return TrainingQueue(table, self.limit, 60)  # read only: the function delivers grants
 
     def batch_row(self, user_id: str, batch_id: str) -> dict | None:
         table = boto3.resource("dynamodb").Table(self.stack.physical["BatchesTable"]["Ref"])
@@ -94,15 +94,15 @@ class QueueWorld:
 
 @contextlib.contextmanager
 def queue_world(limit: int, stand_in: training_job.StandIn, *, max_runtime_s: int = 600,
-                poll_s: int = 1) -> Iterator[QueueWorld]:
-    """The stack (TrainingConcurrency = limit, MinImages 1, QueuePollSeconds poll_s, packs
-    off) in a
-    fresh moto account with IAM enforced, stand-in jobs, and the EventBridge rule running."""
+                recheck_s: int = 60) -> Iterator[QueueWorld]:
+    """The stack (TrainingConcurrency = limit, MinImages 1, QueueRecheckSeconds recheck_s,
+    packs off) in a fresh moto account with IAM enforced, stand-in jobs, and the EventBridge
+    rule running."""
     with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
         # The bench plans 4 batches per user: the daily batch quota (default 3) would reject the 4th.
         stack = create_local_stack(parameters={"TrainingConcurrency": str(limit),
                                                "QuotaTrainingBatchesPerDay": "1000"}, MinImages="1",
-                                   QueuePollSeconds=str(poll_s), MaxRuntimeSeconds=str(max_runtime_s),
+                                   QueueRecheckSeconds=str(recheck_s), MaxRuntimeSeconds=str(max_runtime_s),
                                    MaxWaitSeconds=str(2 * max_runtime_s),
                                    PackStyles="0")  # no avatar pack: no endpoint runs here
         hook = LambdaHook(stack.function_specs).install()

@@ -117,7 +117,9 @@ def local_substitutions(bucket: str, table: str, topic_arn: str, **overrides: st
         "MixedPrecision": "no",
         "MinImages": "8",
         "SettleSeconds": "1",
-        "QueuePollSeconds": "1",
+        "CapacityRetrySeconds": "1",
+        # The template's minimum: a grant whose delivery failed is handed over within a minute.
+        "QueueRecheckSeconds": "60",
         # A small pack keeps local runs short (the template's 10 styles x 4 images are for the cloud).
         "PacksTableName": "avatarflow-local-PacksTable",
         "PackStyles": "2",

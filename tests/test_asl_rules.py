@@ -76,16 +76,21 @@ RESERVED_IN_LITERALS = "'{}\\"
 #   (SlowDown, InternalError, AccessDenied).
 # - SdkClientException (a client-side failure inside Step Functions' SDK call) is documented for
 #   Lambda; the same client raises it for the other integrations (by analogy, not documented).
+# - Sandbox.Timedout: the errorType Lambda returns for a function past its Timeout (Lambda
+#   Developer Guide, "Troubleshoot invocation issues"); Step Functions names an unhandled
+#   function error by its errorType (as it does UserErased). Older runtimes gave no errorType:
+#   Lambda.Unknown (Step Functions best practices). The local hook answers Sandbox.Timedout.
 ALLOWED_ERRORS = {
     "arn:aws:states:::lambda:invoke": {
         "Lambda.ClientExecutionTimeoutException", "Lambda.ServiceException", "Lambda.AWSLambdaException",
-        "Lambda.SdkClientException", "Lambda.TooManyRequestsException", "Lambda.Unknown",
+        "Lambda.SdkClientException", "Lambda.TooManyRequestsException", "Lambda.Unknown", "Sandbox.Timedout",
     },
     # The pack round (task token): the same Lambda errors, plus what the function raises itself:
     # an unhandled exception arrives under its errorType, the class name (PACK_FUNCTION_ERRORS).
     "arn:aws:states:::lambda:invoke.waitForTaskToken": {
         "Lambda.ClientExecutionTimeoutException", "Lambda.ServiceException", "Lambda.AWSLambdaException",
-        "Lambda.SdkClientException", "Lambda.TooManyRequestsException", "Lambda.Unknown", "UserErased",
+        "Lambda.SdkClientException", "Lambda.TooManyRequestsException", "Lambda.Unknown", "Sandbox.Timedout",
+        "UserErased",
     },
     "arn:aws:states:::sagemaker:createTrainingJob.sync": {
         "SageMaker.AmazonSageMakerException", "SageMaker.ResourceLimitExceededException",

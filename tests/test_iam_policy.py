@@ -46,8 +46,8 @@ RESOURCE_STAR_ONLY = {
     "xray:GetSamplingRules": "X-Ray SDK sampling; no resource-level permissions",
     "xray:GetSamplingTargets": "X-Ray SDK sampling; no resource-level permissions",
     "ecr:GetAuthorizationToken": "SageMaker pulls the image; the token is registry-wide, Resource must be *",
-    "states:SendTaskSuccess": "task-token callbacks (pack rounds): no resource-level permissions, the token "
-    "is the authorization",
+    "states:SendTaskSuccess": "task-token callbacks (pack rounds, training-queue grants): no resource-level "
+    "permissions, the token is the authorization",
     "cloudwatch:PutMetricData": "SageMaker job/endpoint metrics; Resource must be *, so a namespace "
     "condition scopes it (enforced below)",
     # Step Functions (and API Gateway) vended log delivery: AWS documents Resource "*" for these.

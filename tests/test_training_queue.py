@@ -55,6 +55,21 @@ def test_fair_order_puts_every_users_first_batch_before_anyones_second():
         "bob", "ann"]
 
 
+def test_a_rank_counts_a_batch_read_twice_once_and_keeps_a_users_batches_in_order():
+    # ann's b1 moved from the line to a slot between the two reads of a joining batch: once.
+    b1 = Waiting(_arn("ann1"), "ann", "b1", _arn("ann1"), "2026-01-01T00:00:01", 0)
+    holders = {_arn("ann1"): {"user_id": "ann", "batch_id": "b1", "since": "2026-01-01T00:00:02+00:00"}}
+    assert rank_of("ann", [b1], holders) == 1
+    # ann's b2 joined with rank 2 (b0 training, b1 waiting); b1 then failed and left the line and
+    # b0 finished: b3 counts one batch ahead of it but must not overtake b2.
+    b2 = Waiting(_arn("ann2"), "ann", "b2", _arn("ann2"), "2026-01-01T00:00:03", 2)
+    assert rank_of("ann", [b2], {}) == 2
+    assert [w.batch_id for w in fair_order([b2, Waiting(_arn("ann3"), "ann", "b3", _arn("ann3"),
+                                                        "2026-01-01T00:00:04", rank_of("ann", [b2], {}))])] \
+        == ["b2", "b3"]
+    assert rank_of("bob", [b2], holders) == 0  # other users' batches never count
+
+
 def test_estimated_wait_follows_the_slots_as_they_free():
     now = float(int(time.time()))
     since = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now - 100))
@@ -296,3 +311,55 @@ def test_a_join_with_every_slot_taken_reads_the_list_once_and_takes_nothing(stac
     assert delivered == [_arn("zed-b0"), _arn("ann-b1")]
     assert queue.release(_arn("bob-b1")) == {"released": False, "dropped_waiting": 1, "granted": 0}
     assert queue.snapshot()["waiting"] == [] and queue.mean_job_seconds() < 600
+
+
+def test_a_token_renewed_under_a_dispatcher_is_the_one_granted(stack):
+    """The races of an execution asking again (its wait timed out) while a dispatcher works:
+    a slot is only taken with the token it was read with, and an execution whose entry left
+    the line just before its renewal, or just before its read, finds itself a holder and gets
+    the grant on its new token (never a second place in line)."""
+    delivered: list[str] = []
+    tokens: list[str] = []
+    queue = _queue(stack, 1, delivered)
+    queue.deliver = lambda grant: tokens.append(grant.waiting.task_token) or Delivery.DELIVERED
+    assert queue.acquire("zed", "b0", _arn("zed-b0"), "z1").acquired
+    queue.acquire("ann", "b1", _arn("ann-b1"), "old")
+    read = queue.waiting_entry(_arn("ann-b1"))  # a dispatcher reads ann's entry (token "old") ...
+    queue.acquire("ann", "b1", _arn("ann-b1"), "new")  # ... ann asks again meanwhile
+    queue._release_slot(_arn("zed-b0"))  # the slot frees
+    assert queue._take(read, "2026-01-01T00:00:00") is None  # the stale read takes nothing
+    assert queue.dispatch() == [_arn("ann-b1")] and tokens == ["z1", "new"]
+
+    # bob's entry is granted (to a token that has expired: the grant is never received) between
+    # his read of the entry and his renewal.
+    queue.release(_arn("ann-b1"))
+    assert queue.acquire("cy", "b1", _arn("cy-b1"), "c1").acquired
+    queue.acquire("bob", "b1", _arn("bob-b1"), "b-old")
+    original = queue.waiting_entry
+
+    def read_then_granted(arn):
+        found = original(arn)
+        queue.release(_arn("cy-b1"))  # a release right after bob's read grants him, on "b-old"
+        return found
+
+    queue.waiting_entry = read_then_granted  # bob asks again
+    try:
+        assert queue.acquire("bob", "b1", _arn("bob-b1"), "b-new").acquired is True
+    finally:
+        queue.waiting_entry = original
+    assert tokens[-2:] == ["b-old", "b-new"]
+
+    # Granted (to an expired token) just before the execution, asking again, reads its entry:
+    # no entry, but a slot in the lock. It must take the slot, not join the line a second time.
+    queue.acquire("dan", "b1", _arn("dan-b1"), "d-old")
+
+    def granted_then_read(arn):
+        queue.release(_arn("bob-b1"))  # grants dan on "d-old"
+        return original(arn)
+
+    queue.waiting_entry = granted_then_read
+    try:
+        assert queue.acquire("dan", "b1", _arn("dan-b1"), "d-new").acquired is True
+    finally:
+        queue.waiting_entry = original
+    assert tokens[-2:] == ["d-old", "d-new"] and queue.waiting() == []

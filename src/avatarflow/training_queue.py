@@ -142,9 +142,15 @@ class Place:
         }
 
 
-def rank_of(user_id: str, waiting: list[Waiting], holders: dict[str, dict]) -> int:
-    """A joining batch's rank: the slots its user holds + the user's batches already waiting."""
-    return sum(h["user_id"] == user_id for h in holders.values()) + sum(w.user_id == user_id for w in waiting)
+def rank_of(user_id: str, earlier: list[Waiting], holders: dict[str, dict]) -> int:
+    """A joining batch's rank: the slots its user holds + the user's batches already waiting
+    (`earlier`: the entries in line before it; a batch read in both, having just moved from
+    the line to a slot, counts once), and never below the rank of one of the user's earlier
+    batches still in line (one of theirs may have left the line since they were ranked): a
+    user's batches keep their order."""
+    mine = [w for w in earlier if w.user_id == user_id]
+    rank = len({arn for arn, h in holders.items() if h["user_id"] == user_id} | {w.entry for w in mine})
+    return max([rank, *(w.rank for w in mine if w.rank != PROVISIONAL_RANK)])
 
 
 def fair_order(waiting: list[Waiting]) -> list[Waiting]:
@@ -282,26 +288,33 @@ class TrainingQueue:
         return self.deliver(grant)
 
     def acquire(self, user_id: str, batch_id: str, execution_arn: str, task_token: str,
-                training_job: str = "") -> Place:
+                training_job: str = "", _retried: bool = False) -> Place:
         """Join the waiting list with this task token (or, asking again after a recheck
         timeout, renew the token), then dispatch. Returns acquired when the slot came to this
         execution (its grant is delivered to `task_token` like any other); otherwise, on the
         first call, its place and estimated wait (the queued email)."""
-        holders = self._ensure_lock().get("holders", {})
-        if execution_arn in holders:
+        # Its own entry first, then the lock: a dispatcher that takes the entry between the two
+        # reads shows in the lock as this execution's slot (read the other way round, the
+        # execution would see neither and join the line a second time while holding a slot).
+        mine = self.waiting_entry(execution_arn)
+        holder = self._ensure_lock().get("holders", {}).get(execution_arn)
+        if holder:
             # It holds a slot whose grant it never received (an expired token): hand it over.
-            mine = Waiting(execution_arn, user_id, batch_id, execution_arn, holders[execution_arn]["since"],
-                           task_token=task_token, training_job=training_job)
-            if self._deliver(Grant(mine, now_iso(), holders[execution_arn]["since"])) is Delivery.ENDED:
+            held = Waiting(execution_arn, user_id, batch_id, execution_arn,
+                           holder.get("enqueued_at", holder["since"]), int(holder.get("rank", 0)), task_token,
+                           training_job, holder.get("ranked_at", ""))
+            if self._deliver(Grant(held, now_iso(), holder["since"])) is Delivery.ENDED:
                 self._release_slot(execution_arn)
                 self.dispatch()
             return Place(acquired=True)
-        mine = self.waiting_entry(execution_arn)
         first_time = mine is None
         if mine is None:
             mine, waiting, holders = self._join(user_id, batch_id, execution_arn, task_token, training_job)
-        else:
-            self._renew_token(mine, task_token)
+        elif not self._renew_token(mine, task_token) and not _retried:
+            # The entry left the line between the read and the renewal: a dispatcher granted it
+            # (to the old token, which is refused now: the slot is ours, hand it over) or the
+            # cleanup dropped it. Ask once more: holder or newcomer.
+            return self.acquire(user_id, batch_id, execution_arn, task_token, training_job, _retried=True)
         granted = self.dispatch()
         if execution_arn in granted:
             return Place(acquired=True, first_time=first_time, rank=mine.rank)
@@ -345,9 +358,7 @@ class TrainingQueue:
         mine_now = next((w for w in waiting if w.entry == entry), None)
         if mine_now is not None:
             enqueued = mine_now.enqueued_at
-        rank = sum(h["user_id"] == user_id for h in holders.values()) + sum(
-            w.user_id == user_id and (w.enqueued_at, w.entry) < (enqueued, entry) for w in waiting
-        )
+        rank = rank_of(user_id, [w for w in waiting if (w.enqueued_at, w.entry) < (enqueued, entry)], holders)
         if mine_now is not None and mine_now.rank != PROVISIONAL_RANK:
             rank = mine_now.rank  # already ranked by the earlier call: the rank is fixed at joining
         ranked_at = now_iso()
@@ -369,8 +380,9 @@ class TrainingQueue:
                        ranked_at)
         return mine, [w for w in waiting if w.entry != entry] + [mine], holders
 
-    def _renew_token(self, mine: Waiting, task_token: str) -> None:
-        """An execution asking again (its wait timed out) waits on a new task token."""
+    def _renew_token(self, mine: Waiting, task_token: str) -> bool:
+        """An execution asking again (its wait timed out) waits on a new task token. False:
+        its entry is no longer in line."""
         try:
             self.table.update_item(
                 Key={"queue": WAITING, "entry": mine.entry},
@@ -381,6 +393,8 @@ class TrainingQueue:
         except ClientError as err:
             if not _refused(err, "ConditionalCheckFailedException"):
                 raise
+            return False
+        return True
 
     def dispatch(self) -> list[str]:
         """While a slot is free and someone waits: take the slot for the head of the fair
@@ -405,7 +419,8 @@ class TrainingQueue:
 
     def _take(self, head: Waiting, decided_at: str) -> Grant | None:
         """One transaction: count < limit and not yet a holder -> count + 1, holder added,
-        waiting entry deleted. None when another dispatcher won the slot or the entry."""
+        waiting entry (still with the token read) deleted. None when another dispatcher won the
+        slot or the entry, or the execution renewed its token."""
         granted_at = now_iso()
         client = self.table.meta.client
         try:
@@ -422,15 +437,19 @@ class TrainingQueue:
                                 ":one": 1,
                                 ":limit": self.limit,
                                 ":holder": {"user_id": head.user_id, "batch_id": head.batch_id,
-                                            "since": granted_at},
+                                            "since": granted_at, "rank": head.rank,
+                                            "enqueued_at": head.enqueued_at, "ranked_at": head.ranked_at},
                             },
                         }
                     },
                     {
+                        # The token read must still be the one it waits on: an execution that
+                        # asked again meanwhile is granted on its new token (the next round).
                         "Delete": {
                             "TableName": self.table.name,
                             "Key": {"queue": WAITING, "entry": head.entry},
-                            "ConditionExpression": "attribute_exists(execution_arn)",
+                            "ConditionExpression": "attribute_exists(execution_arn) AND task_token = :token",
+                            "ExpressionAttributeValues": {":token": head.task_token},
                         }
                     },
                 ]

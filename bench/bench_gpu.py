@@ -500,7 +500,9 @@ def run(args) -> dict:
         for i, rank in enumerate((16, 16, 8))
     }
     users = list(adapters)
-    n_steps, repeats = 30, (2 if tiny else 5)
+    # --tiny proves the script runs (its numbers mean nothing): 4 denoising steps prove that as
+    # well as 30, and the suite's run of it (tests/test_bench_gpu.py) spent ~8 s on the other 26.
+    n_steps, repeats = (4 if tiny else 30), (2 if tiny else 5)
     eager = engine_for(bases["sd15"], adapters, cache / "adapters-eager", False, args.compile_backend)
     timed("infer_eager", infer_section, eager, users, infer_px, n_steps, repeats)
     timed("switch", switch_section, eager, users, 12 if tiny else 30)

@@ -136,6 +136,7 @@ def _options(tiny_configs):
     }
 
 
+@pytest.mark.e2e  # six meta passes of the tiny UNet at 512 px: seconds, like the other meta-pass tests
 def test_the_plan_takes_the_fastest_option_that_fits(tiny):
     """Order: as asked; then gradient checkpointing; then halving the micro-batch (gradient
     accumulation keeps the batch). Nothing fits: fits is False, the smallest option is shown."""

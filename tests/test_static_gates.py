@@ -20,7 +20,8 @@ import pytest
 from avatarflow_local.workflow_stack import REPO_ROOT as REPO
 from avatarflow_local.workflow_stack import TEMPLATE, load_template
 
-pytestmark = pytest.mark.e2e  # runs the external linters
+# The tests that run an external linter are e2e; the skip-justification check reads the
+# template only and stays in the unit tier.
 
 TOOLS_BIN = REPO / ".venv-tools" / "bin"
 CHECKOV = REPO / ".venv-checkov" / "bin" / "checkov"
@@ -113,6 +114,7 @@ def describe(matches: list) -> str:
     )
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("asl", STATE_MACHINES, ids=lambda p: p.name)
 def test_cfn_lint_state_machine(cfn_lint_findings, asl):
     name = f"{asl.name.removesuffix('.asl.json')}.statemachine.json"
@@ -120,6 +122,7 @@ def test_cfn_lint_state_machine(cfn_lint_findings, asl):
     assert not found, f"cfn-lint on {asl.name} (as AWS::StepFunctions::StateMachine):\n" + describe(found)
 
 
+@pytest.mark.e2e
 def test_cfn_lint_catches_a_broken_state_machine(cfn_lint_findings):
     rules = {m["Rule"]["Id"] for m in cfn_lint_findings["canary.statemachine.json"]}
     assert "E3601" in rules, f"cfn-lint missed an unknown state Type (rules seen: {rules})"
@@ -159,6 +162,7 @@ def checkov_failures(tmp_path_factory):
     return failures
 
 
+@pytest.mark.e2e
 def test_checkov_template_has_no_failed_checks(checkov_failures):
     failed = checkov_failures["template.yaml"]
     lines = sorted(
@@ -172,6 +176,7 @@ def test_checkov_template_has_no_failed_checks(checkov_failures):
     )
 
 
+@pytest.mark.e2e
 def test_checkov_catches_a_bare_bucket(checkov_failures):
     ids = {c["check_id"] for c in checkov_failures["checkov_canary.yaml"]}
     assert "CKV_AWS_18" in ids or "CKV_AWS_21" in ids, f"checkov missed a bare bucket (found {ids})"
@@ -212,6 +217,7 @@ RUN cd /tmp && curl http://example.com | sh
 """
 
 
+@pytest.mark.e2e
 def test_hadolint_every_dockerfile(tmp_path):
     hadolint = tool(TOOLS_BIN / "hadolint", ".venv-tools")
     files = dockerfiles()

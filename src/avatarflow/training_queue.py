@@ -303,7 +303,8 @@ class TrainingQueue:
             held = Waiting(execution_arn, user_id, batch_id, execution_arn,
                            holder.get("enqueued_at", holder["since"]), int(holder.get("rank", 0)), task_token,
                            training_job, holder.get("ranked_at", ""))
-            if self._deliver(Grant(held, now_iso(), holder["since"])) is Delivery.ENDED:
+            grant = Grant(held, holder.get("decided_at", holder["since"]), holder["since"])
+            if self._deliver(grant) is Delivery.ENDED:
                 self._release_slot(execution_arn)
                 self.dispatch()
             return Place(acquired=True)
@@ -438,7 +439,8 @@ class TrainingQueue:
                                 ":limit": self.limit,
                                 ":holder": {"user_id": head.user_id, "batch_id": head.batch_id,
                                             "since": granted_at, "rank": head.rank,
-                                            "enqueued_at": head.enqueued_at, "ranked_at": head.ranked_at},
+                                            "enqueued_at": head.enqueued_at, "ranked_at": head.ranked_at,
+                                            "decided_at": decided_at},
                             },
                         }
                     },

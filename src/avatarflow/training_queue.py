@@ -38,7 +38,8 @@ The limit stays exact under races: a slot only changes hands in a transaction wh
 condition is `count < limit`.
 
 Table (TrainingQueueTable, keys `queue` + `entry`):
-  queue "slots",   entry "lock":  count, holders {execution_arn: {user_id, batch_id, since}}
+  queue "slots",   entry "lock":  count, holders {execution_arn: {user_id, batch_id, since,
+                                  rank, enqueued_at, ranked_at, decided_at}}
   queue "slots",   entry "stats": mean_job_seconds (moving average of finished jobs), jobs
   queue "waiting", entry "<execution_arn>": user_id, batch_id, execution_arn, enqueued_at,
                    rank, ranked_at, task_token, training_job

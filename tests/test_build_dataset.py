@@ -51,6 +51,7 @@ def person():
     return S.one_person_batch(12)
 
 
+@pytest.mark.e2e  # a whole batch of photos through the real intake: seconds
 def test_one_person_batch_is_kept_as_the_training_set(s3, run, person):
     results, out = run(s3, person)
     assert out["accepted"] >= 10 and out["accepted"] == 12
@@ -66,6 +67,7 @@ def test_one_person_batch_is_kept_as_the_training_set(s3, run, person):
         assert faces.cosine_similarity(reference, r["face"]["embedding"]) > 0.9
 
 
+@pytest.mark.e2e  # a whole batch of photos through the real intake: seconds
 def test_mixed_batch_drops_duplicates_other_person_and_bad_photos(s3, run, person):
     grace = S.photo("grace_hopper")
     photos = [
@@ -205,6 +207,7 @@ def test_sample_event_runs(stack):
     assert out["rejections"][0]["reason"] == "blurry"
 
 
+@pytest.mark.e2e  # a whole batch of photos through the real intake: seconds
 def test_batch_over_the_days_training_quota_is_rejected_with_when_to_retry(s3, run, person, stack):
     """Enough photos, but the user's training batches for the UTC day are spent: not enough to
     train, `quota` says until when; the rejection email (notify) says when to try again. The

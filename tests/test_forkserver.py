@@ -112,6 +112,7 @@ def test_import_time_variables_choose_the_server():
     assert forkserver._import_env({**base, "HF_HUB_OFFLINE": "1"}) != forkserver._import_env(base)
 
 
+@pytest.mark.e2e  # starts and kills a process tree: seconds
 def test_the_server_exits_with_the_process_that_started_it(tmp_path):
     code = ("import os, sys; from avatarflow_local import forkserver; "
             "s = forkserver._Server(dict(os.environ), preload=()); "

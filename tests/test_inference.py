@@ -30,6 +30,10 @@ from PIL import Image
 from avatarflow import keys
 from avatarflow.tiny_model import build_tiny_pipeline
 
+# Most tests here run a diffusion model (tiny, random weights) or train one: the module is in
+# the e2e tier, out of make test-fast's quick loop.
+pytestmark = pytest.mark.e2e
+
 BUCKET = "avatarflow-test"
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 REPO = Path(__file__).resolve().parents[1]
@@ -633,7 +637,6 @@ def server(world, tmp_path_factory):
         yield served
 
 
-@pytest.mark.e2e
 def test_real_gunicorn_server_serves_ping_and_errors(server):
     """Over HTTP, on a free port, against a moto S3 server: /ping, a 400, a 404 and a real
     generation."""
@@ -646,7 +649,6 @@ def test_real_gunicorn_server_serves_ping_and_errors(server):
     assert s3.head_object(Bucket=BUCKET, Key="generations/alice/srv1/000.png")["ContentLength"] > 0
 
 
-@pytest.mark.e2e
 def test_ping_answers_within_2s_while_generations_run_one_at_a_time(server):
     """SageMaker's health check gives up on GET /ping after 2 s. Two invocations of ~2 s each
     (16 slowed steps) are sent at once and /ping is polled while they run: every ping answers

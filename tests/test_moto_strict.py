@@ -11,6 +11,8 @@ from moto import mock_aws
 
 from avatarflow_local import moto_strict
 
+pytestmark = pytest.mark.e2e  # executes state machines (seconds)
+
 ROLE = "arn:aws:iam::123456789012:role/sfn"
 
 

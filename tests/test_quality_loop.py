@@ -24,6 +24,10 @@ from test_training import REFERENCE, adapter, base_models, dataset, make_job, ru
 
 from avatarflow import notifications
 
+# Most tests here run a diffusion model (tiny, random weights) or train one: the module is in
+# the e2e tier, out of make test-fast's quick loop.
+pytestmark = pytest.mark.e2e
+
 module_stack, stack = unit_stack.module_stack, unit_stack.stack
 IMAGES = 4
 ASL = json.loads(
@@ -63,7 +67,6 @@ def job(tmp_path, name, base, data, **extra):
     return make_job(tmp_path / name, base, data, **(hps | extra))
 
 
-@pytest.mark.e2e
 def test_the_best_checkpoint_is_published_not_the_last(tmp_path, base_models, dataset, capsys):  # noqa: F811
     embedder = StandIn([[0.3] * 4, [1.0, 1.0, 1.0, None], [0.5] * 4])  # steps 2, 4, 6
     paths_env = job(tmp_path, "loop", base_models["sd"], dataset)
@@ -99,7 +102,6 @@ def test_the_best_checkpoint_is_published_not_the_last(tmp_path, base_models, da
     assert "publishing checkpoint 4 (identity 0.7500), not the last step" in out
 
 
-@pytest.mark.e2e
 def test_a_resumed_job_keeps_the_best_checkpoint_of_its_first_life(tmp_path, base_models, dataset):  # noqa: F811
     """The best checkpoint's LoRA rides in every checkpoint: a spot restart after step 4 still
     publishes step 2's weights when nothing later beats them."""

@@ -17,6 +17,10 @@ from serving_world import BUCKET, image, make_adapter, new_engine, publish, requ
 
 from avatarflow.tiny_model import build_tiny_pipeline
 
+# Most tests here run a diffusion model (tiny, random weights) or train one: the module is in
+# the e2e tier, out of make test-fast's quick loop.
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):

@@ -30,6 +30,10 @@ from serving_world import BUCKET, image, make_adapter, publish, request
 
 from avatarflow.tiny_model import build_tiny_pipeline
 
+# Most tests here run a diffusion model (tiny, random weights) or train one: the module is in
+# the e2e tier, out of make test-fast's quick loop.
+pytestmark = pytest.mark.e2e
+
 SLOT_RANK = 8  # the engine's starting slot (AVATARFLOW_MAX_LORA_RANK)
 # Per variant: user -> (rank, text-encoder LoRA). Ranks 16 and 24 are above the slot.
 USERS = {
@@ -142,7 +146,6 @@ def _sequences():
     return st.lists(st.sampled_from(sorted(USERS)), min_size=2, max_size=6)
 
 
-@pytest.mark.e2e
 @pytest.mark.parametrize("variant", ["sd", "sdxl"])
 def test_any_order_of_users_gives_each_user_their_own_image(world, variant):
     """Property: for random sequences of users (ranks 4..24 against a slot of 8, text-encoder

@@ -16,6 +16,10 @@ from safetensors.torch import load_file
 
 from avatarflow.tiny_model import build_tiny_pipeline
 
+# Most tests here run a diffusion model (tiny, random weights) or train one: the module is in
+# the e2e tier, out of make test-fast's quick loop.
+pytestmark = pytest.mark.e2e
+
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "containers" / "training" / "train"
 REFERENCE = [round(0.01 * i, 2) for i in range(128)]
 # Square boxes around the faces in the shipped photos (left, top, right, bottom).
@@ -107,7 +111,6 @@ def generate(pipe):
     ).images[0]
 
 
-@pytest.mark.e2e
 def test_trained_adapter_loads_and_changes_the_image_and_is_deterministic(tmp_path, base_models, dataset):
     from diffusers import StableDiffusionPipeline
 
@@ -137,7 +140,6 @@ def test_trained_adapter_loads_and_changes_the_image_and_is_deterministic(tmp_pa
     assert np.abs(after - before).mean() > 1e-3
 
 
-@pytest.mark.e2e
 def test_killed_run_resumes_from_its_checkpoint_and_finishes(tmp_path, base_models, dataset):
     env = make_job(tmp_path / "job", base_models["sd"], dataset, max_train_steps=6)
     killed = run_subprocess(env, {tdl.KILL_AFTER_STEP_ENV: "2"})
@@ -162,7 +164,6 @@ def test_killed_run_resumes_from_its_checkpoint_and_finishes(tmp_path, base_mode
     assert all(torch.allclose(weights[k], reference[k], atol=1e-6) for k in reference)
 
 
-@pytest.mark.e2e
 def test_sdxl_with_text_encoder_lora(tmp_path, base_models, dataset):
     from diffusers import StableDiffusionXLPipeline
 
@@ -180,7 +181,6 @@ def test_sdxl_with_text_encoder_lora(tmp_path, base_models, dataset):
     assert np.abs(generate(pipe) - before).mean() > 1e-4
 
 
-@pytest.mark.e2e
 def test_prior_preservation_generates_class_images(tmp_path, base_models, dataset, capsys):
     env = make_job(
         tmp_path / "pp",

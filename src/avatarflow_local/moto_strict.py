@@ -21,6 +21,11 @@ sent to a task that had failed would look delivered. `install()` marks a token c
 its task's evaluation ends, however it ends, or once it has an outcome, and answers a later
 outcome with TaskTimedOut, as AWS does.
 
+Stopped executions: StopExecution ends an execution ABORTED on AWS, whatever its running task
+does afterwards. moto's interpreter lets a later error of the interrupted task (a Lambda
+invocation still in flight when the stop came) overwrite the stopped state, and the
+execution reads FAILED; here a stopped execution stays ABORTED.
+
 Idempotent; installed by workflow_stack.create_local_stack."""
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ _MARK = "_avatarflow_serialised"
 def install() -> None:
     _serialise_dynamodb()
     _close_finished_task_tokens()
+    _stopped_stays_aborted()
 
 
 def _serialise_dynamodb() -> None:
@@ -98,3 +104,21 @@ def _close_finished_task_tokens() -> None:
     setattr(eval_body, _MARK, True)
     service.StateTaskServiceCallback._eval_body = eval_body
     callback.CallbackPoolManager.notify = notify
+
+
+def _stopped_stays_aborted() -> None:
+    from moto.stepfunctions.parser.asl.eval.environment import Environment
+    from moto.stepfunctions.parser.asl.eval.program_state import ProgramStopped
+
+    original = Environment.set_error
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def set_error(self, error) -> None:
+        with self._state_mutex:  # reentrant: the original takes it again
+            if not isinstance(self._program_state, ProgramStopped):
+                original(self, error)
+
+    setattr(set_error, _MARK, True)
+    Environment.set_error = set_error

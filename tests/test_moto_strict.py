@@ -17,14 +17,14 @@ ROLE = "arn:aws:iam::123456789012:role/sfn"
 
 
 def _token_task(timeout_s: int) -> dict:
-    """One task that sends its token to an SQS queue and waits for it (no Lambda involved); on
-    a timeout the execution lingers 5 s, still RUNNING (like the queue's AcquireSlot, which
-    asks again)."""
+    """One task that sends its token to an SQS queue and waits for it (no Lambda involved);
+    after it, answered or timed out, the execution lingers 5 s, still RUNNING (like the queue's
+    AcquireSlot, which asks again), so a late outcome meets a closed task, not an ended run."""
     return {"StartAt": "Wait", "States": {
         "Wait": {"Type": "Task", "Resource": "arn:aws:states:::sqs:sendMessage.waitForTaskToken",
                  "TimeoutSeconds": timeout_s,
                  "Parameters": {"QueueUrl.$": "$.queue", "MessageBody": {"token.$": "$$.Task.Token"}},
-                 "Catch": [{"ErrorEquals": ["States.Timeout"], "Next": "Linger"}], "End": True},
+                 "Catch": [{"ErrorEquals": ["States.Timeout"], "Next": "Linger"}], "Next": "Linger"},
         "Linger": {"Type": "Wait", "Seconds": 5, "End": True}}}
 
 
@@ -43,7 +43,7 @@ def _run(sfn, sqs, queue, timeout_s):
 
 
 def _status(sfn, arn, want):
-    deadline = time.time() + 10
+    deadline = time.time() + 30
     while (status := sfn.describe_execution(executionArn=arn)["status"]) != want and time.time() < deadline:
         time.sleep(0.05)
     return status

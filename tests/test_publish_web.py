@@ -3,13 +3,12 @@
 protocol: the answer is PUT to the event's ResponseURL (here a capture server on 127.0.0.1)."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
 import pytest
 import unit_stack
 from botocore.exceptions import ClientError
+from http_stub import QuietHandler, serving
 
 from avatarflow import webapp
 
@@ -23,21 +22,15 @@ def cloudformation():
     """Where CloudFormation would receive the answer: every PUT body, parsed."""
     answers = []
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_PUT(self):  # noqa: N802 - stdlib name
             answers.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             self.send_response(200)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/response", answers
-    server.shutdown()
-    server.server_close()
+    with serving(Handler) as url:
+        yield f"{url}/response", answers
 
 
 def event(kind, url, stack, **props):

@@ -4,12 +4,11 @@ server that plays the distribution in `make up` (web_server.py): same layout, th
 headers, the /api/* proxy, nothing served from outside the built app."""
 
 import json
-import threading
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from http_stub import QuietHandler, serving
 
 from avatarflow import webapp
 from avatarflow_local.web_server import WebServer, security_headers
@@ -103,7 +102,7 @@ def api():
     """A stand-in HTTP API that echoes what reached it."""
     seen = []
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def _echo(self):
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             seen.append({"method": self.command, "path": self.path, "body": body.decode(),
@@ -119,14 +118,8 @@ def api():
 
         do_GET = do_POST = do_DELETE = _echo  # noqa: N815
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    server.shutdown()
-    server.server_close()
+    with serving(Handler) as url:
+        yield url, seen
 
 
 @pytest.fixture
